@@ -1,0 +1,52 @@
+"""lora_jax: LoRA for any JAX model, as a pure pytree transformation.
+
+>>> import jax, jax.numpy as jnp, optax, lora_jax as lj
+>>> params = {"dense": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)}}
+>>> apply = lambda p, x: x @ p["dense"]["kernel"] + p["dense"]["bias"]
+>>> lp = lj.lora_init(jax.random.key(0), params, lj.LoraConfig(rank=2))
+>>> y = lj.lora(apply)(lp, jnp.ones((1, 8)))      # factored x@W + s*(x@A)@B
+>>> tx = lj.optimizer(optax.adam(1e-2), lp)       # A/B train, the rest frozen
+>>> served = lj.merge(lp)                         # plain params again
+"""
+
+from lora_jax._src.config import LoraConfig as LoraConfig
+from lora_jax._src.init import lora_init as lora_init
+from lora_jax._src.merge import adapter as adapter
+from lora_jax._src.merge import attach as attach
+from lora_jax._src.merge import base as base
+from lora_jax._src.merge import merge as merge
+from lora_jax._src.merge import unmerge as unmerge
+from lora_jax._src.optim import combine as combine
+from lora_jax._src.optim import labels as labels
+from lora_jax._src.optim import optimizer as optimizer
+from lora_jax._src.optim import split as split
+from lora_jax._src.summary import Summary as Summary
+from lora_jax._src.summary import summary as summary
+from lora_jax._src.transform import LoraFallbackWarning as LoraFallbackWarning
+from lora_jax._src.transform import lora as lora
+from lora_jax._src.weight import LoraWeight as LoraWeight
+from lora_jax._src.weight import Trainable as Trainable
+from lora_jax._src.weight import delta as delta
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "LoraConfig",
+    "LoraFallbackWarning",
+    "LoraWeight",
+    "Summary",
+    "Trainable",
+    "adapter",
+    "attach",
+    "base",
+    "combine",
+    "delta",
+    "labels",
+    "lora",
+    "lora_init",
+    "merge",
+    "optimizer",
+    "split",
+    "summary",
+    "unmerge",
+)

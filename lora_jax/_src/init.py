@@ -1,0 +1,125 @@
+"""lora_init: put LoraWeight nodes where the config selects kernels."""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax._src import layout, tree
+from lora_jax._src.config import LoraConfig
+from lora_jax._src.types import Params
+from lora_jax._src.weight import LoraWeight, Trainable, factor_shapes, is_node, max_rank
+
+
+def _init_a(key, shape, roles: str, rank: int, init: str, dtype):
+  fan_in = int(np.prod([d for d, r in zip(shape, roles) if r == "i"]))
+  a_shape, _ = factor_shapes(shape, roles, rank)
+  if init == "kaiming":  # torch kaiming_uniform_(a=sqrt(5)) on a (r, fan_in) weight
+    bound = 1.0 / np.sqrt(fan_in)
+    a = jax.random.uniform(key, a_shape, jnp.float32, -bound, bound)
+  else:  # PEFT's "gaussian": std 1/r
+    a = jax.random.normal(key, a_shape, jnp.float32) / rank
+  return a.astype(dtype)
+
+
+def _roles(path: str, leaf, config: LoraConfig, inferred: dict) -> str:
+  roles = config.layout_for(path) or inferred.get(path)
+  if roles is None and np.ndim(leaf) == 2:
+    roles = "io"
+  if roles is None:
+    raise ValueError(
+        f"lora_init: cannot tell the layout of {path} with shape "
+        f"{tuple(leaf.shape)}: (layers, in, out), (in, heads, head_dim), "
+        "(heads, head_dim, out) and conv kernels look alike. Pass "
+        "`lora_init(..., trace=lambda p: model.apply(p, x))` to read it from "
+        "the model, or LoraConfig(layouts={regex: roles}) with roles such as "
+        "'sio', 'ioo', 'iio', 'iiio'.")
+  if len(roles) != np.ndim(leaf):
+    raise ValueError(f"lora_init: layout {roles!r} for {path} has {len(roles)} "
+                     f"axes but the kernel has shape {tuple(leaf.shape)}")
+  return roles
+
+
+def _check_leaf(path: str, leaf, config: LoraConfig) -> None:
+  if isinstance(leaf, (LoraWeight, Trainable)):
+    raise ValueError(f"lora_init: {path} already holds a {type(leaf).__name__}; "
+                     "call lora_init on plain params (see lora_jax.merge / base)")
+  if not hasattr(leaf, "shape") or np.ndim(leaf) < 2:
+    raise ValueError(
+        f"lora_init: target {path} has shape {tuple(np.shape(leaf))}; LoRA needs "
+        "a kernel with at least 2 axes (in, out). Narrow LoraConfig.targets "
+        "(biases and norm scales are 1-D; use `trainable=` to train them).")
+  if not jnp.issubdtype(leaf.dtype, jnp.floating):
+    raise ValueError(f"lora_init: target {path} has dtype {leaf.dtype}; "
+                     "expected a floating-point kernel")
+
+
+def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
+              trace: Callable[[Params], Any] | None = None) -> Params:
+  """Replace each selected kernel by a ``LoraWeight(w, a, b)``.
+
+  ``b`` is zero, so the model's output is unchanged, bit for bit. Leaves
+  selected by ``config.trainable`` become ``Trainable(value, base)``.
+
+  Args:
+    key: a PRNG key for the ``a`` factors.
+    params: any pytree of arrays: a Flax Linen params dict, an NNX ``State``,
+      a plain dict.
+    config: a ``LoraConfig``.
+    trace: optional function of ``params`` that runs the model, e.g.
+      ``lambda p: model.apply(p, x)``. It is traced abstractly (no FLOPs) to
+      read every kernel's axis roles (stacked / in / out) from the matmul,
+      conv or gather that consumes it. Needed for kernels of 3+ axes unless
+      ``config.layouts`` names them.
+
+  Returns:
+    The params with LoraWeight / Trainable nodes.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> params = {"dense": {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros(8)}}
+    >>> lp = lj.lora_init(jax.random.key(0), params, lj.LoraConfig(rank=2))
+    >>> lp["dense"]["kernel"].a.shape, lp["dense"]["kernel"].b.shape
+    ((16, 2), (2, 8))
+  """
+  if not isinstance(config, LoraConfig):
+    raise TypeError(f"lora_init: config must be a LoraConfig, got {type(config).__name__}")
+  leaves, treedef = tree.flatten(params, is_leaf=is_node)
+  paths = [p for p, _ in leaves]
+  targets = [k for k, (p, x) in enumerate(leaves) if config.selects(p, x)]
+  trained = [k for k, (p, x) in enumerate(leaves) if config.trains(p, x)]
+  if not targets:
+    raise ValueError(
+        f"lora_init: targets={config.targets!r} matched no leaf. Paths are "
+        f"'/'-joined keys matched with re.fullmatch; some that exist:"
+        f"{tree.some_paths(paths)}")
+  both = sorted(set(targets) & set(trained))
+  if both:
+    raise ValueError("lora_init: these leaves are selected both as LoRA targets "
+                     f"and as trainable: {[paths[k] for k in both]}")
+  for k in targets:
+    _check_leaf(*leaves[k], config)
+  inferred = {}
+  if trace is not None:
+    inferred = layout.infer_roles(trace, params, [paths[k] for k in targets])
+
+  out = [x for _, x in leaves]
+  keys = jax.random.split(key, len(targets))
+  for key_k, k in zip(keys, targets):
+    path, w = leaves[k]
+    roles = _roles(path, w, config, inferred)
+    rank = config.rank_for(path)
+    if rank > max_rank(w.shape, roles):
+      raise ValueError(
+          f"lora_init: rank {rank} for {path} is larger than the kernel allows: "
+          f"shape {tuple(w.shape)} with roles {roles!r} has rank at most "
+          f"{max_rank(w.shape, roles)}")
+    dtype = config.dtype or w.dtype
+    a = _init_a(key_k, w.shape, roles, rank, config.init, dtype)
+    b = jnp.zeros(factor_shapes(w.shape, roles, rank)[1], dtype)
+    out[k] = LoraWeight(w, a, b, scale=config.scale_for(path), roles=roles,
+                        dropout=float(config.dropout))
+  for k in trained:
+    out[k] = Trainable(out[k], out[k])
+  return jax.tree_util.tree_unflatten(treedef, out)

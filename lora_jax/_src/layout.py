@@ -1,0 +1,215 @@
+"""Infer each kernel's axis roles (stack / in / out) from an abstract trace.
+
+Shape alone cannot tell a stacked ``(layers, in, out)`` kernel from a
+DenseGeneral ``(d, heads, head_dim)`` one. The model can: we trace it with
+``jax.make_jaxpr`` on abstract values (no FLOPs) and follow every kernel to the
+matmul, conv or gather that consumes it:
+
+* ``dot_general``: contracting axes are inputs (``i``), batch axes are stacked
+  (``s``), free axes are outputs (``o``);
+* ``conv_general_dilated``: the kernel's input-feature and spatial axes are
+  ``i``, its output-feature axis ``o``;
+* ``gather`` (embedding lookup): indexed axes are ``i``, the rest ``o``;
+* an axis a ``scan`` slices (``nn.scan``, ``nnx.scan``, ``lax.scan`` over
+  stacked layers) is ``s``.
+
+Transposes, reshapes, casts, slices and calls (jit, checkpoint, cond, while,
+custom_jvp) are followed through. When a kernel has several consumers the
+first one in program order decides (a tied embedding is an embedding).
+"""
+
+from typing import Any, Callable
+
+import jax
+from jax.extend import core as jex_core
+
+from lora_jax._src import tree
+
+_IDENTITY = frozenset({
+    "convert_element_type", "copy", "copy_p", "sharding_constraint",
+    "reduce_precision", "optimization_barrier", "slice", "dynamic_slice", "rev",
+    "mesh_cast", "reshard",
+})
+_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "remat2",
+                    "checkpoint", "custom_jvp_call", "custom_vjp_call",
+                    "custom_vjp_call_jaxpr", "named_call"})
+
+# A kernel axis map: for each axis of a traced value, the set of original
+# kernel axes it holds, tagged with the kernel's index: (kernel, frozenset).
+AxisMap = tuple
+
+
+def reshape_groups(old, new):
+  """Contiguous axis groups ``(old_axes, new_axes)`` of equal size.
+
+  Axes of size 1 belong to no group: a reshape may add or drop them freely.
+  """
+  o = [k for k, d in enumerate(old) if d != 1]
+  n = [k for k, d in enumerate(new) if d != 1]
+  groups, i, j = [], 0, 0
+  while i < len(o) and j < len(n):
+    oi, nj = [o[i]], [n[j]]
+    po, pn = old[o[i]], new[n[j]]
+    i, j = i + 1, j + 1
+    while po != pn:
+      if po < pn:
+        oi.append(o[i]); po *= old[o[i]]; i += 1
+      else:
+        nj.append(n[j]); pn *= new[n[j]]; j += 1
+    groups.append((oi, nj))
+  return groups
+
+
+def _reshape_map(old_shape, new_shape, amap):
+  """Map original-axis sets through a reshape."""
+  out = [frozenset()] * len(new_shape)
+  for oi, nj in reshape_groups(old_shape, new_shape):
+    merged = frozenset().union(*(amap[k] for k in oi))
+    for k in nj:
+      out[k] = merged
+  return tuple(out)
+
+
+class _Walker:
+  """Walks a jaxpr and records roles for the tracked kernels."""
+
+  def __init__(self, n_kernels: int):
+    self.roles: list[dict[int, str]] = [dict() for _ in range(n_kernels)]
+
+  def record(self, kernel: int, axes, role: str):
+    for ax in axes:
+      self.roles[kernel].setdefault(ax, role)
+
+  def walk(self, jaxpr, in_maps):
+    env = {}
+    for v, m in zip(jaxpr.invars, in_maps):
+      if m is not None:
+        env[v] = m
+    for eqn in jaxpr.eqns:
+      maps = [env.get(v) if isinstance(v, jex_core.Var) else None
+              for v in eqn.invars]
+      if all(m is None for m in maps):
+        continue
+      outs = self.eqn(eqn, maps)
+      for v, m in zip(eqn.outvars, outs):
+        if m is not None:
+          env[v] = m
+
+  def eqn(self, eqn, maps):
+    name, params, n_out = eqn.primitive.name, eqn.params, len(eqn.outvars)
+    none = [None] * n_out
+    if name in _IDENTITY:
+      return [maps[0]] + [None] * (n_out - 1)
+    if name == "transpose":
+      k, m = maps[0]
+      return [(k, tuple(m[p] for p in params["permutation"]))]
+    if name in ("reshape", "squeeze", "expand_dims", "broadcast_in_dim"):
+      k, m = maps[0]
+      old = eqn.invars[0].aval.shape
+      new = eqn.outvars[0].aval.shape
+      if name == "broadcast_in_dim" and any(
+          old[a] != new[b] for a, b in enumerate(params["broadcast_dimensions"])):
+        return none
+      if name == "broadcast_in_dim" and _prod(old) != _prod(new):
+        return none
+      return [(k, _reshape_map(old, new, m))]
+    if name == "dot_general":
+      (lc, rc), (lb, rb) = params["dimension_numbers"]
+      for m, contract, batch in ((maps[0], lc, lb), (maps[1], rc, rb)):
+        if m is None:
+          continue
+        k, axes = m
+        for d, ax in enumerate(axes):
+          role = "i" if d in contract else "s" if d in batch else "o"
+          self.record(k, ax, role)
+      return none
+    if name == "conv_general_dilated" and maps[1] is not None:
+      k, axes = maps[1]
+      out_feature = params["dimension_numbers"].rhs_spec[0]
+      for d, ax in enumerate(axes):
+        self.record(k, ax, "o" if d == out_feature else "i")
+      return none
+    if name == "gather" and maps[0] is not None:
+      k, axes = maps[0]
+      indexed = params["dimension_numbers"].start_index_map
+      for d, ax in enumerate(axes):
+        self.record(k, ax, "i" if d in indexed else "o")
+      return none
+    if name == "scan":
+      return self.scan(eqn, maps)
+    if name in _CALLS:
+      sub = params.get("jaxpr", params.get("call_jaxpr", params.get("fun_jaxpr")))
+      if sub is not None:
+        self.walk(getattr(sub, "jaxpr", sub), maps)
+      return none
+    if name == "cond":
+      for br in params["branches"]:
+        self.walk(br.jaxpr, maps[1:])
+      return none
+    if name == "while":
+      cn, bn = params["cond_nconsts"], params["body_nconsts"]
+      carry = maps[cn + bn:]
+      self.walk(params["cond_jaxpr"].jaxpr, maps[:cn] + carry)
+      self.walk(params["body_jaxpr"].jaxpr, maps[cn:cn + bn] + carry)
+      return none
+    return none
+
+  def scan(self, eqn, maps):
+    nc, ncarry = eqn.params["num_consts"], eqn.params["num_carry"]
+    body_maps = list(maps[:nc + ncarry])
+    for m in maps[nc + ncarry:]:
+      if m is None:
+        body_maps.append(None)
+        continue
+      k, axes = m
+      self.record(k, axes[0], "s")
+      body_maps.append((k, axes[1:]))
+    self.walk(eqn.params["jaxpr"].jaxpr, body_maps)
+    return [None] * len(eqn.outvars)
+
+
+def _prod(shape):
+  out = 1
+  for d in shape:
+    out *= d
+  return out
+
+
+def infer_roles(trace: Callable[[Any], Any], params, paths: list[str]) -> dict[str, str]:
+  """Roles strings for the leaves at ``paths``, from an abstract trace.
+
+  Args:
+    trace: a function of ``params`` only that runs the model, e.g.
+      ``lambda p: model.apply(p, x)``. It is traced with ``jax.make_jaxpr``
+      on abstract values: no FLOPs are spent.
+    params: the params pytree (arrays or ``jax.ShapeDtypeStruct``).
+    paths: the '/'-joined leaf paths to report on.
+
+  Returns:
+    ``{path: roles}`` for every path whose kernel reached a matmul, conv or
+    gather on every axis; paths the trace could not settle are left out.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  strs = [tree.path_str(p) for p, _ in leaves]
+  wanted = {p: n for n, p in enumerate(paths)}
+  abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for _, x in leaves]
+
+  def flat(*xs):
+    return trace(jax.tree_util.tree_unflatten(treedef, xs))
+
+  closed = jax.make_jaxpr(flat)(*abstract)
+  walker = _Walker(len(paths))
+  in_maps = []
+  for s, (_, x) in zip(strs, leaves):
+    if s in wanted:
+      in_maps.append((wanted[s], tuple(frozenset([d]) for d in range(len(x.shape)))))
+    else:
+      in_maps.append(None)
+  walker.walk(closed.jaxpr, in_maps)
+  out = {}
+  for path, n in wanted.items():
+    ndim = len(dict(zip(strs, (x for _, x in leaves)))[path].shape)
+    found = walker.roles[n]
+    if len(found) == ndim:
+      out[path] = "".join(found[d] for d in range(ndim))
+  return out

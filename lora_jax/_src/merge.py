@@ -1,0 +1,157 @@
+"""merge / unmerge / base, and the adapter view: adapter / attach."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax._src import tree
+from lora_jax._src.types import Params
+from lora_jax._src.weight import LoraWeight, Trainable, delta, factor_shapes, is_node
+
+Adapter = dict  # {path: LoraWeight(w=None, a, b, ...) | Trainable(value, base=None)}
+
+
+def _fold(w, lw: LoraWeight, sign: float):
+  """``w ± ΔW`` accumulated in float32, cast back to w's dtype."""
+  return (w.astype(jnp.float32) + sign * delta(lw)).astype(w.dtype)
+
+
+def merge(params: Params) -> Params:
+  """Fold every adapter into its kernel: plain params for zero-cost inference.
+
+  The result has exactly the original tree structure, shapes and dtypes;
+  ``Trainable`` leaves become their trained value.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> p = lj.lora_init(jax.random.key(0), {"kernel": jnp.ones((4, 3))},
+    ...                  lj.LoraConfig(rank=1, targets="kernel"))
+    >>> lj.merge(p)["kernel"].shape
+    (4, 3)
+  """
+  def fold(x):
+    if isinstance(x, LoraWeight):
+      return _fold(x.w, x, 1.0)
+    if isinstance(x, Trainable):
+      return x.value
+    return x
+  return jax.tree.map(fold, params, is_leaf=is_node)
+
+
+def base(params: Params) -> Params:
+  """The original params: adapters turned off, trained leaves restored.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> w = jnp.ones((4, 3))
+    >>> p = lj.lora_init(jax.random.key(0), {"kernel": w}, lj.LoraConfig(rank=1, targets="kernel"))
+    >>> bool((lj.base(p)["kernel"] == w).all())
+    True
+  """
+  def strip(x):
+    if isinstance(x, LoraWeight):
+      return x.w
+    if isinstance(x, Trainable):
+      return x.base
+    return x
+  return jax.tree.map(strip, params, is_leaf=is_node)
+
+
+def adapter(params: Params) -> Adapter:
+  """The adapter alone: ``{path: LoraWeight(w=None, a, b) | Trainable(value)}``.
+
+  Holds A, B, each kernel's scale / roles / dropout, and the leaves trained
+  in full; no base weights. ``attach`` puts it back on a base; checkpoints
+  and task switching are built from it.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> p = lj.lora_init(jax.random.key(0), {"kernel": jnp.ones((4, 3))},
+    ...                  lj.LoraConfig(rank=1, targets="kernel"))
+    >>> list(lj.adapter(p))
+    ['kernel']
+  """
+  leaves, _ = tree.flatten(params, is_leaf=is_node)
+  out = {}
+  for path, x in leaves:
+    if isinstance(x, LoraWeight):
+      out[path] = x.replace(w=None)
+    elif isinstance(x, Trainable):
+      out[path] = Trainable(x.value, None)
+  return out
+
+
+def _check_fits(path: str, leaf: Any, item) -> None:
+  shape = tuple(getattr(leaf, "shape", ()))
+  if isinstance(item, Trainable):
+    expected = {"value": tuple(item.value.shape)}
+    found = {"value": shape}
+  else:
+    if len(item.roles) != len(shape):
+      raise ValueError(f"{path}: the adapter's layout {item.roles!r} has "
+                       f"{len(item.roles)} axes, the base kernel has shape {shape}")
+    sa, sb = factor_shapes(shape, item.roles, item.a.shape[-1])
+    expected = {"a": sa, "b": sb}
+    found = {"a": tuple(item.a.shape), "b": tuple(item.b.shape)}
+  if expected != found:
+    raise ValueError(f"{path}: the adapter does not fit the base kernel of shape "
+                     f"{shape}: adapter has {found}, the base needs {expected}")
+
+
+def _apply(params: Params, adapter: Adapter, fn, what: str) -> Params:
+  leaves, treedef = tree.flatten(params, is_leaf=is_node)
+  paths = {p for p, _ in leaves}
+  missing = sorted(set(adapter) - paths)
+  errors = [f"{p}: not in the base params" for p in missing]
+  out = []
+  for path, x in leaves:
+    if path in adapter:
+      try:
+        _check_fits(path, x, adapter[path])
+        x = fn(x, adapter[path])
+      except ValueError as e:
+        errors.append(str(e))
+    out.append(x)
+  if errors:
+    raise ValueError(f"{what}: the adapter does not match the params:\n  "
+                     + "\n  ".join(errors)
+                     + (f"\nPaths that exist:{tree.some_paths(sorted(paths))}"
+                        if missing else ""))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def attach(base_params: Params, adapter: Adapter) -> Params:
+  """Put an adapter (from ``adapter`` or a checkpoint) on base params.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> w = {"kernel": jnp.ones((4, 3))}
+    >>> p = lj.lora_init(jax.random.key(0), w, lj.LoraConfig(rank=1, targets="kernel"))
+    >>> type(lj.attach(w, lj.adapter(p))["kernel"]).__name__
+    'LoraWeight'
+  """
+  def put(leaf, item):
+    if isinstance(item, Trainable):
+      return Trainable(jnp.asarray(item.value).astype(leaf.dtype), leaf)
+    return item.replace(w=leaf)
+  return _apply(base_params, adapter, put, "attach")
+
+
+def unmerge(merged: Params, adapter: Adapter) -> Params:
+  """Subtract an adapter's ΔW from merged params (for task switching).
+
+  Leaves the adapter trained in full cannot be subtracted; they stay as they
+  are in ``merged`` until another adapter is attached over them.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> w = {"kernel": jnp.ones((4, 3))}
+    >>> p = lj.lora_init(jax.random.key(0), w, lj.LoraConfig(rank=1, targets="kernel"))
+    >>> back = lj.unmerge(lj.merge(p), lj.adapter(p))
+    >>> bool(jnp.allclose(back["kernel"], w["kernel"]))
+    True
+  """
+  def sub(leaf, item):
+    return leaf if isinstance(item, Trainable) else _fold(leaf, item, -1.0)
+  return _apply(merged, adapter, sub, "unmerge")

@@ -1,0 +1,338 @@
+"""Interpreter rules: how each primitive consumes a lazy ``W + s·A⊗B``.
+
+Every rule takes ``(ctx, eqn, invals)`` and returns the list of outputs. A
+rule that cannot keep the factored form calls ``transform.fallback``.
+
+The reads of higher-order primitives' params (``jaxpr``, ``num_consts``, ...)
+live here and only here: their names move between JAX releases.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lora_jax._src import layout
+from lora_jax._src.transform import _Lazy, bind, concrete, eval_jaxpr, fallback, is_lazy
+
+_LETTERS = "abcdefghijklmnopqstuvwxyzABCDEFGHIJKLMNOPQSTUVWXYZ"  # no 'r'/'R'
+
+
+# ----------------------------------------------------------------- lazy views
+
+def _cast(ctx, eqn, invals):
+  v = invals[0]
+  w = bind(eqn, [v.w])[0]
+  dtype = w.dtype
+  if jnp.issubdtype(dtype, jnp.floating):
+    return [v.replace(w=w, a=v.a.astype(dtype), b=v.b.astype(dtype))]
+  return fallback(ctx, eqn, invals)
+
+
+def _w_only(ctx, eqn, invals):
+  """Ops that only re-label or constrain ``w`` (copies, sharding)."""
+  v = invals[0]
+  return [v.replace(w=bind(eqn, [v.w] + list(invals[1:]))[0])]
+
+
+def _transpose(ctx, eqn, invals):
+  v = invals[0]
+  perm = eqn.params["permutation"]
+  inv = {old: new for new, old in enumerate(perm)}
+  return [v.replace(w=bind(eqn, [v.w])[0],
+                    a_dims=[inv[d] for d in v.a_dims],
+                    b_dims=[inv[d] for d in v.b_dims])]
+
+
+def _reshape_factor(x, dims, groups, old_shape, new_shape, extra_new):
+  """Reshape one factor; None if its axes do not allow it."""
+  owner = {}
+  for g, (oi, _) in enumerate(groups):
+    for k in oi:
+      owner[k] = g
+  new_dims, new_sizes, seen = [], [], set()
+  mine = [d for d in dims if old_shape[d] != 1]
+  pos = 0
+  for d in mine:
+    g = owner[d]
+    oi, nj = groups[g]
+    if g in seen:
+      continue
+    if mine[pos:pos + len(oi)] != oi:
+      return None  # the group's axes are not contiguous, in order, in this factor
+    pos += len(oi)
+    seen.add(g)
+    new_dims += nj
+    new_sizes += [new_shape[k] for k in nj]
+  new_dims += extra_new
+  new_sizes += [1] * len(extra_new)
+  return x.reshape(new_sizes + [x.shape[-1]]), new_dims
+
+
+def _reshape(ctx, eqn, invals):
+  v = invals[0]
+  old = v.shape
+  new = tuple(eqn.outvars[0].aval.shape)
+  if eqn.primitive.name == "reshape" and eqn.params.get("dimensions") is not None:
+    return fallback(ctx, eqn, invals)
+  groups = layout.reshape_groups(old, new)
+  a_set, b_set = set(v.a_dims), set(v.b_dims)
+  for oi, _ in groups:
+    kinds = {(k in a_set, k in b_set) for k in oi}
+    if len(kinds) != 1:
+      return fallback(ctx, eqn, invals)  # a group mixes in/out/stack axes
+  in_groups_a = [g for g in groups if g[0][0] in a_set]
+  in_groups_b = [g for g in groups if g[0][0] in b_set]
+  ones = [k for k, d in enumerate(new) if d == 1]
+  ra = _reshape_factor(v.a, v.a_dims, in_groups_a, old, new, ones)
+  rb = _reshape_factor(v.b, v.b_dims, in_groups_b, old, new, [])
+  if ra is None or rb is None:
+    return fallback(ctx, eqn, invals)
+  w = v.w.reshape(new)
+  return [v.replace(w=w, a=ra[0], a_dims=ra[1], b=rb[0], b_dims=rb[1])]
+
+
+def _slice(ctx, eqn, invals):
+  v = invals[0]
+  p = eqn.params
+  strides = p["strides"] or (1,) * v.ndim
+
+  def cut(x, dims):
+    start = [p["start_indices"][d] if d is not None else 0 for d in dims + (None,)]
+    limit = [p["limit_indices"][d] if d is not None else x.shape[-1]
+             for d in dims + (None,)]
+    step = [strides[d] if d is not None else 1 for d in dims + (None,)]
+    return lax.slice(x, start, limit, step)
+  return [v.replace(w=bind(eqn, [v.w])[0], a=cut(v.a, v.a_dims), b=cut(v.b, v.b_dims))]
+
+
+def _dynamic_slice(ctx, eqn, invals):
+  v, starts = invals[0], invals[1:]
+  if any(is_lazy(s) for s in starts):
+    return fallback(ctx, eqn, invals)
+  sizes = eqn.params["slice_sizes"]
+
+  def cut(x, dims):
+    st = [starts[d] if d is not None else 0 for d in dims + (None,)]
+    sz = [sizes[d] if d is not None else x.shape[-1] for d in dims + (None,)]
+    return lax.dynamic_slice(x, st, sz)
+  return [v.replace(w=bind(eqn, [v.w] + list(starts))[0],
+                    a=cut(v.a, v.a_dims), b=cut(v.b, v.b_dims))]
+
+
+def _rev(ctx, eqn, invals):
+  v = invals[0]
+  axes = set(eqn.params["dimensions"])
+
+  def flip(x, dims):
+    return lax.rev(x, [k for k, d in enumerate(dims) if d in axes])
+  return [v.replace(w=bind(eqn, [v.w])[0], a=flip(v.a, v.a_dims), b=flip(v.b, v.b_dims))]
+
+
+# ------------------------------------------------------------- the consumers
+
+def _dot_general(ctx, eqn, invals):
+  lhs, rhs = invals
+  if is_lazy(lhs) and is_lazy(rhs):
+    return fallback(ctx, eqn, invals)
+  side = 1 if is_lazy(rhs) else 0
+  v, x = invals[side], invals[1 - side]
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  x_contract, v_contract = (lc, rc) if side == 1 else (rc, lc)
+  x_batch, v_batch = (lb, rb) if side == 1 else (rb, lb)
+
+  # Subscripts: x's axes, V's axes (sharing letters where contracted/batched).
+  xs = list(_LETTERS[:x.ndim])
+  vs = list(_LETTERS[x.ndim:x.ndim + v.ndim])
+  for xd, vd in zip(list(x_contract) + list(x_batch), list(v_contract) + list(v_batch)):
+    vs[vd] = xs[xd]
+  batch = [xs[d] for d in x_batch]
+  x_free = [xs[d] for d in range(x.ndim) if d not in x_contract and d not in x_batch]
+  v_free = [vs[d] for d in range(v.ndim) if d not in v_contract and d not in v_batch]
+  out = batch + (x_free + v_free if side == 1 else v_free + x_free)
+
+  a_sub = [vs[d] for d in v.a_dims] + ["r"]
+  b_sub = [vs[d] for d in v.b_dims] + ["r"]
+  contract = {vs[d] for d in v_contract}
+  in_a = contract & (set(a_sub) - set(b_sub))
+  in_b = contract & (set(b_sub) - set(a_sub))
+  if in_a and in_b:
+    return fallback(ctx, eqn, invals)  # contraction mixes in- and out-axes
+  (f1, s1), (f2, s2) = ((v.b, b_sub), (v.a, a_sub)) if in_b else (
+      (v.a, a_sub), (v.b, b_sub))
+
+  base = invals[:]
+  base[side] = lax.stop_gradient(v.w)
+  y = bind(eqn, base)[0]
+
+  p = eqn.params
+  prec, pref = p.get("precision"), p.get("preferred_element_type")
+  xd = ctx.dropout(x, v.dropout)
+  t_sub = [l for l in dict.fromkeys(xs + s1) if l in out or l in s2]
+  t = jnp.einsum(f"{''.join(xs)},{''.join(s1)}->{''.join(t_sub)}", xd, f1,
+                 precision=prec, preferred_element_type=pref)
+  t = t * jnp.asarray(v.scale, t.dtype)
+  z = jnp.einsum(f"{''.join(t_sub)},{''.join(s2)}->{''.join(out)}", t, f2,
+                 precision=prec, preferred_element_type=pref)
+  return [y + z.astype(y.dtype)]
+
+
+def _a_as_kernel(v: _Lazy, out_axis: int):
+  """``a`` laid out like V with the rank in ``out_axis``'s place, or None."""
+  if tuple(v.b_dims) != (out_axis,) or sorted(v.a_dims) != [
+      d for d in range(v.ndim) if d != out_axis]:
+    return None
+  r_pos = len(v.a_dims)
+  perm = [r_pos if d == out_axis else v.a_dims.index(d) for d in range(v.ndim)]
+  return jnp.transpose(v.a, perm)
+
+
+def _rank_to(z, axis, b):
+  """Contract ``z``'s rank axis (at ``axis``) with ``b`` (out, r), in place."""
+  y = jnp.tensordot(z, b, axes=([axis], [1]))
+  return jnp.moveaxis(y, -1, axis)
+
+
+def _conv(ctx, eqn, invals):
+  x, v = invals
+  p = eqn.params
+  dn = p["dimension_numbers"]
+  if is_lazy(x) or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+    return fallback(ctx, eqn, invals)
+  a_kernel = _a_as_kernel(v, dn.rhs_spec[0])
+  if a_kernel is None:
+    return fallback(ctx, eqn, invals)
+  y = bind(eqn, [x, lax.stop_gradient(v.w)])[0]
+  z = bind(eqn, [ctx.dropout(x, v.dropout), a_kernel])[0]
+  z = z * jnp.asarray(v.scale, z.dtype)
+  return [y + _rank_to(z, dn.out_spec[1], v.b).astype(y.dtype)]
+
+
+def _gather(ctx, eqn, invals):
+  v, idx = invals
+  p = eqn.params
+  dn = p["dimension_numbers"]
+  if is_lazy(idx) or dn.operand_batching_dims or len(v.b_dims) != 1:
+    return fallback(ctx, eqn, invals)
+  out_axis = v.b_dims[0]
+  sizes = list(p["slice_sizes"])
+  a_kernel = _a_as_kernel(v, out_axis)
+  if (a_kernel is None or out_axis in dn.start_index_map
+      or out_axis in dn.collapsed_slice_dims or sizes[out_axis] != v.shape[out_axis]):
+    return fallback(ctx, eqn, invals)
+  y = bind(eqn, [lax.stop_gradient(v.w), idx])[0]
+  sizes[out_axis] = v.a.shape[-1]
+  params = dict(p, slice_sizes=tuple(sizes))
+  z = eqn.primitive.bind(a_kernel, idx, **params)
+  kept = [d for d in range(v.ndim) if d not in dn.collapsed_slice_dims]
+  z = z * jnp.asarray(v.scale, z.dtype)
+  return [y + _rank_to(z, dn.offset_dims[kept.index(out_axis)], v.b).astype(y.dtype)]
+
+
+# ---------------------------------------------------- higher-order primitives
+
+def _inline(key):
+  def rule(ctx, eqn, invals):
+    closed = eqn.params[key]
+    jaxpr = getattr(closed, "jaxpr", closed)
+    return eval_jaxpr(jaxpr, getattr(closed, "consts", ()), invals, ctx)
+  return rule
+
+
+def _materialize_inputs(ctx, eqn, invals):
+  """Custom-VJP functions get W + ΔW: their rules know nothing of LoRA."""
+  return bind(eqn, concrete(invals))
+
+
+def _remat(ctx, eqn, invals):
+  p = eqn.params
+
+  def body(*args):
+    return concrete(eval_jaxpr(p["jaxpr"], (), args, ctx))
+  return list(jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals))
+
+
+def _cond(ctx, eqn, invals):
+  index, ops = invals[0], invals[1:]
+
+  def branch(closed):
+    return lambda *args: concrete(eval_jaxpr(closed.jaxpr, closed.consts, args, ctx))
+  return list(lax.switch(index, [branch(br) for br in eqn.params["branches"]], *ops))
+
+
+def _while(ctx, eqn, invals):
+  p = eqn.params
+  cn, bn = p["cond_nconsts"], p["body_nconsts"]
+  cc, bc, init = invals[:cn], invals[cn:cn + bn], concrete(invals[cn + bn:])
+  cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
+
+  def cond(carry):
+    return eval_jaxpr(cj.jaxpr, cj.consts, list(cc) + list(carry), ctx)[0]
+
+  def body(carry):
+    return tuple(concrete(eval_jaxpr(bj.jaxpr, bj.consts, list(bc) + list(carry), ctx)))
+  return list(lax.while_loop(cond, body, tuple(init)))
+
+
+def _scan_slices(v: _Lazy):
+  """Split a lazy xs operand into (scanned parts, rebuild-one-slice)."""
+  a_in, b_in = 0 in v.a_dims, 0 in v.b_dims
+  a = jnp.moveaxis(v.a, v.a_dims.index(0), 0) if a_in else v.a
+  b = jnp.moveaxis(v.b, v.b_dims.index(0), 0) if b_in else v.b
+
+  a_dims = [d - 1 for d in v.a_dims if d != 0]
+  b_dims = [d - 1 for d in v.b_dims if d != 0]
+  parts = (v.w, a if a_in else None, b if b_in else None)
+
+  def rebuild(w, a_i, b_i):
+    return v.replace(w=w, a=a_i if a_in else a, b=b_i if b_in else b,
+                     a_dims=a_dims, b_dims=b_dims)
+  return parts, rebuild
+
+
+def _scan(ctx, eqn, invals):
+  p = eqn.params
+  nc, ncarry, length = p["num_consts"], p["num_carry"], p["length"]
+  consts, init, xs = invals[:nc], concrete(invals[nc:nc + ncarry]), invals[nc + ncarry:]
+  sliced, rebuilds = [], []
+  for x in xs:
+    if is_lazy(x):
+      parts, rebuild = _scan_slices(x)
+      sliced.append(parts)
+      rebuilds.append(rebuild)
+    else:
+      sliced.append(x)
+      rebuilds.append(None)
+  keys = None
+  if ctx.rng is not None:
+    keys = jax.random.split(ctx.next_key(), length)
+  body_jaxpr = p["jaxpr"]
+
+  def body(carry, x_and_key):
+    xs_i, key = x_and_key
+    vals = [rb(*x) if rb else x for rb, x in zip(rebuilds, xs_i)]
+    sub = ctx.child(key) if key is not None else ctx
+    outs = concrete(eval_jaxpr(body_jaxpr.jaxpr, body_jaxpr.consts,
+                               list(consts) + list(carry) + vals, sub))
+    return outs[:ncarry], outs[ncarry:]
+
+  carry, ys = lax.scan(body, init, (sliced, keys), length=length,
+                       reverse=p["reverse"], unroll=p["unroll"])
+  return list(carry) + list(ys)
+
+
+RULES = {
+    "convert_element_type": _cast,
+    "copy": _w_only, "copy_p": _w_only, "sharding_constraint": _w_only,
+    "transpose": _transpose,
+    "reshape": _reshape, "squeeze": _reshape,
+    "slice": _slice, "dynamic_slice": _dynamic_slice, "rev": _rev,
+    "dot_general": _dot_general,
+    "conv_general_dilated": _conv,
+    "gather": _gather,
+    "jit": _inline("jaxpr"), "pjit": _inline("jaxpr"),
+    "closed_call": _inline("call_jaxpr"), "core_call": _inline("call_jaxpr"),
+    "custom_jvp_call": _inline("call_jaxpr"),
+    "custom_vjp_call": _materialize_inputs, "custom_vjp_call_jaxpr": _materialize_inputs,
+    "remat2": _remat, "checkpoint": _remat,
+    "cond": _cond, "while": _while, "scan": _scan,
+}

@@ -1,0 +1,247 @@
+"""``lora(fn)``: run an unmodified model on params holding LoraWeight nodes.
+
+How it works (see DESIGN.md): ``fn`` is traced with ``jax.make_jaxpr`` with
+every ``LoraWeight`` seen as an abstract array of ``w``'s shape and dtype, and
+the jaxpr is evaluated by a small interpreter in which a LoraWeight is a lazy
+value ``V = w + scale · a ⊗ b`` (``_Lazy``). The rules in ``_src/rules.py``
+compute each consumer in factored form: ``dot_general`` becomes
+``x·w + s·((x·a)·b)``, a conv becomes ``conv(x, w) + s·conv1x1(conv(x, a), b)``,
+a row gather becomes ``take(w) + s·take(a)·b``; transposes, reshapes, casts
+and slices stay lazy; scan / while / cond / checkpoint are re-emitted through
+their public APIs with the body interpreted. Anything else materializes
+``w + ΔW`` (correct) and warns once, or raises with ``strict=True``.
+
+Under ``jax.jit`` all of this runs once, at trace time.
+"""
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jex_core
+
+from lora_jax._src import tree
+from lora_jax._src.weight import LoraWeight, Trainable, is_node
+
+
+class LoraFallbackWarning(UserWarning):
+  """A LoraWeight reached an operation with no factored rule."""
+
+
+@jax.tree_util.register_pytree_node_class
+class _Lazy:
+  """``V = w + scale · einsum(a[a_dims + (r,)], b[b_dims + (r,)])``.
+
+  ``a_dims``/``b_dims`` name, for each non-rank axis of ``a``/``b``, the axis
+  of ``V`` it stands for; the rank axis is last in both. Every axis of ``V``
+  is in ``a_dims`` or ``b_dims`` or both (a stacked axis is in both).
+  """
+
+  __slots__ = ("w", "a", "b", "a_dims", "b_dims", "scale", "dropout", "path")
+
+  def __init__(self, w, a, b, a_dims, b_dims, scale, dropout, path):
+    self.w, self.a, self.b = w, a, b
+    self.a_dims, self.b_dims = tuple(a_dims), tuple(b_dims)
+    self.scale, self.dropout, self.path = scale, dropout, path
+
+  def tree_flatten(self):
+    return (self.w, self.a, self.b), (self.a_dims, self.b_dims, self.scale,
+                                      self.dropout, self.path)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  def replace(self, **kw) -> "_Lazy":
+    f = {s: getattr(self, s) for s in self.__slots__}
+    f.update(kw)
+    return _Lazy(**f)
+
+  @property
+  def shape(self):
+    return self.w.shape
+
+  @property
+  def ndim(self):
+    return self.w.ndim
+
+  @classmethod
+  def from_weight(cls, lw: LoraWeight, path: str) -> "_Lazy":
+    s = [d for d, r in enumerate(lw.roles) if r == "s"]
+    i = [d for d, r in enumerate(lw.roles) if r == "i"]
+    o = [d for d, r in enumerate(lw.roles) if r == "o"]
+    b = jnp.moveaxis(lw.b, len(s), -1)  # (stack, r, out) -> (stack, out, r)
+    return cls(lw.w, lw.a, b, s + i, s + o, lw.scale, lw.dropout, path)
+
+  def materialize(self):
+    """``stop_gradient(w) + ΔW`` in w's dtype (ΔW accumulated in float32)."""
+    letters = "abcdefghijklmnopqstuvwxyz"[:self.ndim]
+    sa = "".join(letters[d] for d in self.a_dims) + "r"
+    sb = "".join(letters[d] for d in self.b_dims) + "r"
+    d = jnp.einsum(f"{sa},{sb}->{letters}", self.a, self.b,
+                   preferred_element_type=jnp.float32)
+    w = jax.lax.stop_gradient(self.w)
+    return (w.astype(jnp.float32) + self.scale * d).astype(w.dtype)
+
+
+class _Context:
+  """Per-call interpreter state: strictness, dropout key, warnings."""
+
+  def __init__(self, strict: bool, rng):
+    self.strict, self.rng, self.sites = strict, rng, 0
+
+  def child(self, rng) -> "_Context":
+    ctx = _Context(self.strict, rng)
+    ctx.sites = self.sites
+    return ctx
+
+  def next_key(self):
+    self.sites += 1
+    return jax.random.fold_in(self.rng, self.sites)
+
+  def dropout(self, x, rate: float):
+    """Inverted dropout on the LoRA branch input (PEFT semantics)."""
+    if rate == 0.0 or self.rng is None:
+      return x
+    keep = jax.random.bernoulli(self.next_key(), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
+
+
+def is_lazy(x) -> bool:
+  return isinstance(x, _Lazy)
+
+
+def fallback(ctx: _Context, eqn, invals):
+  """Materialize every lazy operand of ``eqn`` and bind it as it is."""
+  import warnings
+  paths = sorted({x.path for x in invals if is_lazy(x)})
+  name = eqn.primitive.name
+  msg = (f"lora: `{name}` has no factored rule; W + ΔW is materialized for "
+         f"{', '.join(paths)}. This is correct but spends the memory and "
+         "FLOPs LoRA saves.")
+  if ctx.strict:
+    raise NotImplementedError(msg + " (raised because lora(fn, strict=True))")
+  warnings.warn(msg, LoraFallbackWarning, stacklevel=4)
+  vals = [x.materialize() if is_lazy(x) else x for x in invals]
+  return bind(eqn, vals)
+
+
+def bind(eqn, invals):
+  """Bind ``eqn``'s primitive on new inputs, as ``jax.core.eval_jaxpr`` does."""
+  params = eqn.primitive.get_bind_params(eqn.params)
+  subfuns = ()
+  if isinstance(params, tuple):  # JAX < 0.9 returned (subfuns, params)
+    subfuns, params = params
+  with eqn.ctx.manager:
+    out = eqn.primitive.bind(*subfuns, *invals, **params)
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def eval_jaxpr(jaxpr, consts, args, ctx: _Context):
+  """Evaluate ``jaxpr`` with lazy LoraWeight values flowing through it."""
+  from lora_jax._src import rules  # rules import this module
+
+  env = {}
+
+  def read(v):
+    return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+  for v, x in zip(jaxpr.constvars, consts):
+    env[v] = x
+  for v, x in zip(jaxpr.invars, args):
+    env[v] = x
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    if any(is_lazy(x) for x in invals):
+      rule = rules.RULES.get(eqn.primitive.name)
+      outs = rule(ctx, eqn, invals) if rule else fallback(ctx, eqn, invals)
+    else:
+      outs = bind(eqn, invals)
+    for v, x in zip(eqn.outvars, outs):
+      if not isinstance(v, jex_core.DropVar):
+        env[v] = x
+  return [read(v) for v in jaxpr.outvars]
+
+
+def concrete(xs):
+  """Materialize lazy values that leave the interpreter."""
+  return [x.materialize() if is_lazy(x) else x for x in xs]
+
+
+def _split_args(args, kwargs):
+  """Flatten (args, kwargs): dynamic array leaves, static leaves elsewhere."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(
+      (args, kwargs), is_leaf=is_node)
+  dynamic, abstract, where = [], [], []
+  statics = []
+  for path, leaf in leaves:
+    if isinstance(leaf, Trainable):
+      leaf = leaf.value
+    if isinstance(leaf, LoraWeight):
+      dynamic.append(_Lazy.from_weight(leaf, tree.path_str(path)))
+      abstract.append(jax.ShapeDtypeStruct(leaf.w.shape, leaf.w.dtype))
+      where.append(len(statics)); statics.append(None)
+    elif tree.is_array(leaf) or isinstance(leaf, jax.core.Tracer):
+      dynamic.append(leaf)
+      abstract.append(leaf)
+      where.append(len(statics)); statics.append(None)
+    else:
+      statics.append(leaf)
+  return treedef, statics, where, dynamic, abstract
+
+
+def lora(fn: Callable, *, strict: bool = False) -> Callable:
+  """Transform ``fn`` to run with LoRA-adapted params, in factored form.
+
+  The returned function has ``fn``'s signature, plus an optional keyword
+  ``lora_rng``: a PRNG key that turns on dropout on the LoRA branch inputs
+  (rate from each LoraWeight; without a key dropout is off, as in eval mode).
+
+  Wherever a ``LoraWeight`` feeds a matmul (``dot_general``, ``einsum``,
+  ``Dense``, ``DenseGeneral``), the result is ``x·W + s·((x·A)·B)``; a conv
+  gets ``conv(x, W) + s·conv1x1(conv(x, A), B)``; an embedding lookup gathers
+  rows of A and multiplies by B. On these paths neither ``W + ΔW`` nor a
+  gradient for ``W`` is ever formed: ``W`` is a constant to autodiff.
+
+  Args:
+    fn: any JAX function, e.g. a Flax ``model.apply``.
+    strict: raise instead of materializing ``W + ΔW`` when a LoraWeight
+      reaches an operation with no factored rule.
+
+  Returns:
+    The wrapped function.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, lora_jax as lj
+    >>> f = lambda p, x: x @ p["kernel"]
+    >>> p = lj.lora_init(jax.random.key(0), {"kernel": jnp.ones((4, 3))},
+    ...                  lj.LoraConfig(rank=2, targets="kernel"))
+    >>> lj.lora(f)(p, jnp.ones((1, 4))).tolist()   # B = 0: unchanged
+    [[4.0, 4.0, 4.0]]
+  """
+
+  @functools.wraps(fn)
+  def wrapped(*args, lora_rng=None, **kwargs):
+    treedef, statics, where, dynamic, abstract = _split_args(args, kwargs)
+
+    def rebuild(dyn):
+      leaves = list(statics)
+      for k, x in zip(where, dyn):
+        leaves[k] = x
+      return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    if not any(is_lazy(x) for x in dynamic):
+      a, kw = rebuild(dynamic)
+      return fn(*a, **kw)
+
+    def flat_fn(*dyn):
+      a, kw = rebuild(dyn)
+      return fn(*a, **kw)
+
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*abstract)
+    ctx = _Context(strict, lora_rng)
+    outs = eval_jaxpr(closed.jaxpr, closed.consts, dynamic, ctx)
+    return jax.tree.unflatten(jax.tree.structure(out_shape), concrete(outs))
+
+  return wrapped
