@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._src import layout, tree
+from lora_jax._src import layout, sharding, tree
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.types import Params
 from lora_jax._src.weight import LoraWeight, Trainable, factor_shapes, is_node, max_rank
@@ -118,6 +118,7 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
     dtype = config.dtype or w.dtype
     a = _init_a(key_k, w.shape, roles, rank, config.init, dtype)
     b = jnp.zeros(factor_shapes(w.shape, roles, rank)[1], dtype)
+    a, b = sharding.place_factors(w, a, b, roles)
     out[k] = LoraWeight(w, a, b, scale=config.scale_for(path), roles=roles,
                         dropout=float(config.dropout))
   for k in trained:
