@@ -1,0 +1,201 @@
+"""lora(fn) against merge and a hand-written reference, for every layer kind."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax as lj
+from layer_cases import CASES, EXPECTED_ROLES, case, hand_merge, is_lw, randomize_b
+
+
+def _maybe_jit(fn, jit):
+  return jax.jit(fn) if jit else fn
+
+
+def _close(x, y, tol=2e-5):
+  for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+
+
+@pytest.fixture(autouse=True)
+def _no_fallback():
+  """Every case must stay on the factored path: a fallback warning fails."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", lj.LoraFallbackWarning)
+    yield
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_layouts_read_from_the_trace(name):
+  fn, params, args, config, trace = case(name)
+  lp = lj.lora_init(jax.random.key(2), params, config, trace=trace)
+  roles = {x.roles for x in jax.tree.leaves(lp, is_leaf=is_lw) if is_lw(x)}
+  assert roles == EXPECTED_ROLES[name]
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("name", CASES)
+def test_forward_equals_merge_and_hand_reference(name, jit):
+  fn, params, args, config, trace = case(name)
+  lp = randomize_b(lj.lora_init(jax.random.key(2), params, config, trace=trace))
+  out = _maybe_jit(lj.lora(fn), jit)(lp, *args)
+  _close(out, fn(lj.merge(lp), *args))
+  _close(out, fn(hand_merge(lp), *args))
+  # and the adapters really changed something
+  assert not np.allclose(np.asarray(jax.tree.leaves(out)[0]),
+                         np.asarray(jax.tree.leaves(fn(params, *args))[0]))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_fresh_adapter_is_an_exact_noop(name):
+  fn, params, args, config, trace = case(name)
+  lp = lj.lora_init(jax.random.key(2), params, config, trace=trace)
+  for jit in (False, True):
+    out = _maybe_jit(lj.lora(fn), jit)(lp, *args)
+    ref = _maybe_jit(fn, jit)(params, *args)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _ab(lp):
+  return jax.tree.map(lambda x: (x.a, x.b) if is_lw(x) else None, lp, is_leaf=is_lw)
+
+
+def _with_ab(lp, ab):
+  return jax.tree.map(lambda x, t: x.replace(a=t[0], b=t[1]) if is_lw(x) else x,
+                      lp, ab, is_leaf=is_lw)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("name", CASES)
+def test_grads_equal_materialized_reference(name, jit):
+  fn, params, args, config, trace = case(name)
+  lp = randomize_b(lj.lora_init(jax.random.key(2), params, config, trace=trace))
+
+  def loss(p):
+    return sum(jnp.sum(jnp.sin(y)) for y in jax.tree.leaves(fn(p, *args)))
+
+  grads = _maybe_jit(jax.grad(lambda p: sum(
+      jnp.sum(jnp.sin(y)) for y in jax.tree.leaves(lj.lora(fn)(p, *args)))), jit)(lp)
+  ref = jax.grad(lambda ab: loss(hand_merge(_with_ab(lp, ab))))(_ab(lp))
+  got = _ab(grads)
+  _close(got, ref, tol=2e-4)
+  # the frozen kernel gets no gradient at all
+  for g in jax.tree.leaves(grads, is_leaf=is_lw):
+    if is_lw(g):
+      assert not np.any(np.asarray(g.w))
+
+
+def test_split_combine_grads_only_trainable():
+  fn, params, args, config, trace = case("dense")
+  lp = randomize_b(lj.lora_init(jax.random.key(2), params, config))
+  trainable, frozen = lj.split(lp)
+  g = jax.grad(lambda t: jnp.sum(lj.lora(fn)(lj.combine(t, frozen), *args) ** 2))(trainable)
+  g_full = jax.grad(lambda p: jnp.sum(lj.lora(fn)(p, *args) ** 2))(lp)
+  _close(_ab(g), _ab(g_full))
+  assert all(x is None or not is_lw(x) or x.w is None
+             for x in jax.tree.leaves(g, is_leaf=lambda x: x is None or is_lw(x)))
+
+
+# ---------------------------------------------------------- JAX transforms
+
+W = jax.random.normal(jax.random.key(3), (8, 8)) / 3
+
+
+def _lp(**kw):
+  config = lj.LoraConfig(rank=2, targets="w", **kw)
+  return randomize_b(lj.lora_init(jax.random.key(4), {"w": W}, config))
+
+
+def _control_flow(p, x, while_loop=True):
+  w = p["w"]
+  y = jax.checkpoint(lambda a: jnp.tanh(a @ w))(x)
+  y = jax.lax.cond(jnp.sum(y) > 0, lambda a: a @ w, lambda a: a @ w.T, y)
+  if while_loop:  # not reverse-differentiable in JAX, with or without LoRA
+    y = jax.lax.while_loop(lambda c: c[1] < 3,
+                           lambda c: (jnp.tanh(c[0] @ w), c[1] + 1), (y, 0))[0]
+  y = jax.vmap(lambda r: jnp.einsum("i,ij->j", r, w))(y)
+  y = jax.jit(lambda a: a @ w[:, ::-1][2:6, :])(y[:, 2:6])
+  return jax.lax.fori_loop(0, 2, lambda i, a: jnp.tanh(a @ w[:4, :4]), y[:, :4])
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_control_flow_checkpoint_vmap_slices(jit):
+  lp = _lp()
+  x = jax.random.normal(jax.random.key(5), (3, 8))
+  _close(_maybe_jit(lj.lora(_control_flow), jit)(lp, x), _control_flow(lj.merge(lp), x))
+  f = lambda p: jnp.sum(lj.lora(_control_flow)(p, x, while_loop=False))
+  g = _maybe_jit(jax.grad(f), jit)(lp)
+  ref = jax.grad(lambda ab: jnp.sum(_control_flow(hand_merge(_with_ab(lp, ab)), x, False)))(_ab(lp))
+  _close(_ab(g), ref, tol=2e-4)
+
+
+def test_vmap_and_jit_around_lora():
+  lp = _lp()
+  f = jax.jit(jax.vmap(lj.lora(lambda p, x: x @ p["w"]), in_axes=(None, 0)))
+  x = jnp.ones((5, 2, 8))
+  _close(f(lp, x), x @ lj.merge(lp)["w"])
+
+
+def test_dropout_on_lora_branch_only():
+  lp = _lp(dropout=0.5)
+  f = lj.lora(lambda p, x: x @ p["w"])
+  x = jnp.ones((4, 8))
+  no_key = f(lp, x)
+  _close(no_key, x @ lj.merge(lp)["w"])  # no key: eval mode
+  y1 = f(lp, x, lora_rng=jax.random.key(1))
+  y2 = f(lp, x, lora_rng=jax.random.key(2))
+  assert not np.allclose(y1, no_key) and not np.allclose(y1, y2)
+  # the base path is untouched: y - x@W lies in the span of the dropped-out LoRA branch
+  a, b, s = lp["w"].a, lp["w"].b, lp["w"].scale
+  mask_input = (y1 - x @ W)  # = s * (drop(x) @ a) @ b
+  coeff, *_ = np.linalg.lstsq(np.asarray(s * b.T), np.asarray(mask_input.T), rcond=None)
+  np.testing.assert_allclose(np.asarray(s * b.T) @ coeff, np.asarray(mask_input.T), atol=1e-4)
+  # deterministic for a given key, also under jit and scan
+  _close(jax.jit(f)(lp, x, lora_rng=jax.random.key(1)), y1)
+
+
+def test_dropout_differs_across_scanned_layers():
+  fn, params, args, _, trace = case("lax_scan")
+  lp = randomize_b(lj.lora_init(jax.random.key(2), params,
+                                lj.LoraConfig(rank=2, targets="w", dropout=0.3), trace=trace))
+  y = lj.lora(fn)(lp, *args, lora_rng=jax.random.key(0))
+  assert y.shape == args[0].shape and np.all(np.isfinite(y))
+  assert not np.allclose(y, lj.lora(fn)(lp, *args))
+
+
+# ----------------------------------------------------- fallback and errors
+
+def test_fallback_warns_once_naming_the_primitive_and_is_correct():
+  lp = _lp()
+  f = lambda p, x: x @ jnp.sin(p["w"])
+  x = jnp.ones((2, 8))
+  with pytest.warns(lj.LoraFallbackWarning, match=r"`sin`.*w"):
+    y = lj.lora(f)(lp, x)
+  _close(y, f(lj.merge(lp), x))
+
+
+def test_strict_mode_raises():
+  with pytest.raises(NotImplementedError, match=r"`sin`.*strict=True"):
+    lj.lora(lambda p, x: x @ jnp.sin(p["w"]), strict=True)(_lp(), jnp.ones((2, 8)))
+
+
+def test_lora_weight_outside_lora_gives_a_clear_error():
+  lp = _lp()
+  with pytest.raises(TypeError, match=r"not wrapped with lora_jax.lora.*merge"):
+    jnp.ones((2, 8)) @ lp["w"]
+  with pytest.raises(TypeError, match=r"lora_jax.lora"):
+    jnp.asarray(lp["w"])
+
+
+def test_static_args_and_outputs_pass_through():
+  lp = _lp()
+
+  def f(p, x, *, scale, mode="a"):
+    return {"y": x @ p["w"] * scale, "mode_is_a": jnp.asarray(mode == "a")}
+  out = jax.jit(lj.lora(f), static_argnames=("scale", "mode"))(lp, jnp.ones((1, 8)), scale=2.0)
+  _close(out["y"], jnp.ones((1, 8)) @ lj.merge(lp)["w"] * 2.0)
+  assert bool(out["mode_is_a"])
