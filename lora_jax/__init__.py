@@ -9,6 +9,10 @@
 >>> served = lj.merge(lp)                         # plain params again
 """
 
+from lora_jax._src.checkpoint import adapter_args as adapter_args
+from lora_jax._src.checkpoint import load_adapter as load_adapter
+from lora_jax._src.checkpoint import read_description as read_description
+from lora_jax._src.checkpoint import save_adapter as save_adapter
 from lora_jax._src.config import LoraConfig as LoraConfig
 from lora_jax._src.init import lora_init as lora_init
 from lora_jax._src.merge import adapter as adapter
@@ -37,15 +41,19 @@ __all__ = (
     "Summary",
     "Trainable",
     "adapter",
+    "adapter_args",
     "attach",
     "base",
     "combine",
     "delta",
     "labels",
     "lora",
+    "load_adapter",
     "lora_init",
     "merge",
     "optimizer",
+    "read_description",
+    "save_adapter",
     "split",
     "summary",
     "unmerge",

@@ -115,6 +115,26 @@ class _NnxNet(nnx.Module):
     return self.l2(nnx.relu(self.l1(x)))
 
 
+class _NnxBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(8, 8, rngs=rngs)
+
+  def __call__(self, x):
+    return jnp.tanh(self.lin(x))
+
+
+class _NnxScanned(nnx.Module):
+  """Layers stacked with nnx.vmap and run with nnx.scan."""
+
+  def __init__(self):
+    make = nnx.vmap(lambda key: _NnxBlock(nnx.Rngs(key)), in_axes=0, out_axes=0)
+    self.blocks = make(jax.random.split(KEY, 3))
+
+  def __call__(self, x):
+    body = nnx.scan(lambda h, block: block(h), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    return body(x, self.blocks)
+
+
 def _linen(module, *inputs):
   params = module.init(KEY, *inputs)
   return module.apply, params, inputs
@@ -156,8 +176,9 @@ def case(name):
     params = {"w": 0.3 * jax.random.normal(KEY, (4, 8, 8))}
     fn, args = _scan_fn, (x8[:, 0],)
     config = lj.LoraConfig(rank=2, targets="w")
-  elif name == "nnx":
-    graphdef, params = nnx.split(_NnxNet(nnx.Rngs(0)))
+  elif name in ("nnx", "nnx_scan"):
+    net = _NnxNet(nnx.Rngs(0)) if name == "nnx" else _NnxScanned()
+    graphdef, params = nnx.split(net)
     fn = lambda state, x: nnx.merge(graphdef, state)(x)
     args = (x8[:, 0],)
     config = lj.LoraConfig(rank=2, targets=".*/kernel")
@@ -168,10 +189,10 @@ def case(name):
 
 
 CASES = ("dense", "dense_general", "einsum", "conv", "embed", "nn_scan",
-         "nn_scan_remat", "lax_scan", "nnx")
+         "nn_scan_remat", "lax_scan", "nnx", "nnx_scan")
 
 EXPECTED_ROLES = {
     "dense": {"io"}, "dense_general": {"ioo", "iio"}, "einsum": {"ioo", "oi"},
     "conv": {"iiio"}, "embed": {"io"}, "nn_scan": {"sio"}, "nn_scan_remat": {"sio"},
-    "lax_scan": {"sio"}, "nnx": {"io"},
+    "lax_scan": {"sio"}, "nnx": {"io"}, "nnx_scan": {"sio"},
 }
