@@ -7,14 +7,38 @@ import jax.numpy as jnp
 
 from lora_jax._src import tree
 from lora_jax._src.types import Params
-from lora_jax._src.weight import LoraWeight, Trainable, delta, factor_shapes, is_node
+from lora_jax._src.weight import LoraWeight, Trainable, factor_shapes, is_node
 
 Adapter = dict  # {path: LoraWeight(w=None, a, b, ...) | Trainable(value, base=None)}
 
 
+def _spread(x, roles: str, kinds: str):
+  """A factor ``(axes of kinds..., r)`` as an array of w's rank + 1 (rank
+  last), its axes in w's order and size 1 on w's other axes."""
+  pos = [d for d, r in enumerate(roles) if r == "s"] + [
+      d for d, r in enumerate(roles) if r in kinds and r != "s"]
+  order = sorted(range(len(pos)), key=pos.__getitem__)
+  x = jnp.transpose(x, order + [len(pos)])
+  shape = [x.shape[order.index(pos.index(d))] if d in pos else 1
+           for d in range(len(roles))]
+  return x.reshape(shape + [x.shape[-1]])
+
+
 def _fold(w, lw: LoraWeight, sign: float):
-  """``w ± ΔW`` accumulated in float32, cast back to w's dtype."""
-  return (w.astype(jnp.float32) + sign * delta(lw)).astype(w.dtype)
+  """``w ± ΔW`` in float32, cast back to w's dtype, in one elementwise pass.
+
+  ``ΔW = Σ_k a[..., k] ⊗ b[..., k]`` is written as a sum of rank-1 broadcast
+  products so that XLA fuses it with the add: no kernel-sized ΔW buffer is
+  ever stored, and ``jax.jit(merge, donate_argnums=0)`` folds each kernel in
+  place (issue 6). Same FLOPs as ``a @ b``.
+  """
+  n_stack = lw.roles.count("s")
+  a = _spread(lw.a.astype(jnp.float32) * (sign * lw.scale), lw.roles, "si")
+  b = _spread(jnp.moveaxis(lw.b, n_stack, -1).astype(jnp.float32), lw.roles, "so")
+  acc = w.astype(jnp.float32)
+  for k in range(lw.rank):
+    acc = acc + a[..., k] * b[..., k]
+  return acc.astype(w.dtype)
 
 
 def merge(params: Params) -> Params:
@@ -124,6 +148,9 @@ def _apply(params: Params, adapter: Adapter, fn, what: str) -> Params:
 def attach(base_params: Params, adapter: Adapter) -> Params:
   """Put an adapter (from ``adapter`` or a checkpoint) on base params.
 
+  Adapters already on ``base_params`` are taken off first (``base``), so
+  attaching switches tasks rather than stacking adapters.
+
   Example:
     >>> import jax, jax.numpy as jnp, lora_jax as lj
     >>> w = {"kernel": jnp.ones((4, 3))}
@@ -135,7 +162,7 @@ def attach(base_params: Params, adapter: Adapter) -> Params:
     if isinstance(item, Trainable):
       return Trainable(jnp.asarray(item.value).astype(leaf.dtype), leaf)
     return item.replace(w=leaf)
-  return _apply(base_params, adapter, put, "attach")
+  return _apply(base(base_params), adapter, put, "attach")
 
 
 def unmerge(merged: Params, adapter: Adapter) -> Params:
