@@ -4,7 +4,7 @@
 >>> params = {"dense": {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)}}
 >>> apply = lambda p, x: x @ p["dense"]["kernel"] + p["dense"]["bias"]
 >>> lp = lj.lora_init(jax.random.key(0), params, lj.LoraConfig(rank=2))
->>> y = lj.lora(apply)(lp, jnp.ones((1, 8)))      # factored x@W + s*(x@A)@B
+>>> y = lj.lora(apply)(lp, jnp.ones(8))           # factored x@W + s*(x@A)@B
 >>> tx = lj.optimizer(optax.adam(1e-2), lp)       # A/B train, the rest frozen
 >>> served = lj.merge(lp)                         # plain params again
 """
@@ -24,6 +24,8 @@ from lora_jax._src.optim import combine as combine
 from lora_jax._src.optim import labels as labels
 from lora_jax._src.optim import optimizer as optimizer
 from lora_jax._src.optim import split as split
+from lora_jax._src.sharding import factor_specs as factor_specs
+from lora_jax._src.sharding import lora_shardings as lora_shardings
 from lora_jax._src.summary import Summary as Summary
 from lora_jax._src.summary import summary as summary
 from lora_jax._src.transform import LoraFallbackWarning as LoraFallbackWarning
@@ -46,10 +48,12 @@ __all__ = (
     "base",
     "combine",
     "delta",
+    "factor_specs",
     "labels",
     "lora",
     "load_adapter",
     "lora_init",
+    "lora_shardings",
     "merge",
     "optimizer",
     "read_description",

@@ -44,7 +44,7 @@ def factor_specs(spec: PartitionSpec, roles: str) -> tuple[PartitionSpec, Partit
     >>> from jax.sharding import PartitionSpec as P
     >>> from lora_jax._src.sharding import factor_specs
     >>> factor_specs(P('layers', None, 'model'), 'sio')
-    (PartitionSpec('layers', None, None), PartitionSpec('layers', None, 'model'))
+    (P('layers', None, None), P('layers', None, 'model'))
   """
   entries = tuple(spec)
   if len(entries) > len(roles):
@@ -74,7 +74,7 @@ def factor_shardings(sharding: Any, roles: str) -> tuple[Any, Any]:
     >>> mesh = jax.make_mesh((1,), ("model",))
     >>> a, b = factor_shardings(NamedSharding(mesh, P(None, "model")), "io")
     >>> a.spec, b.spec
-    (PartitionSpec(None, None), PartitionSpec(None, 'model'))
+    (P(None, None), P(None, 'model'))
   """
   if sharding is None or isinstance(sharding, SingleDeviceSharding):
     return sharding, sharding
@@ -228,7 +228,7 @@ def lora_shardings(lora_params: Params, base: Any = None) -> Params:
     >>> lp = lj.lora_init(jax.random.key(0), params, lj.LoraConfig(rank=2))
     >>> s = lora_shardings(lp, base={"up": {"kernel": P(None, "model")}})
     >>> s["up"]["kernel"].a, s["up"]["kernel"].b
-    (PartitionSpec(None, None), PartitionSpec(None, 'model'))
+    (P(None, None), P(None, 'model'))
   """
   given = {}
   if base is not None:
