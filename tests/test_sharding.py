@@ -355,3 +355,25 @@ def test_adapter_checkpoint_restores_onto_another_mesh(tmp_path):
     np.testing.assert_array_equal(lw.a, old.a)
     np.testing.assert_array_equal(lw.b, old.b)
     assert lw.w is new_base[name]["kernel"]
+
+
+def test_sharding_constraint_on_a_kernel_constrains_its_factors():
+  """A model that constrains its kernel (e.g. Flax unboxing under a mesh)."""
+  mesh = jax.make_mesh((2, 4), ("data", "model"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  w = jax.random.normal(jax.random.key(0), (16, 32))
+  lp = lj.lora_init(jax.random.key(1), {"w": w}, lj.LoraConfig(rank=4, targets="w"))
+  lp["w"] = lp["w"].replace(b=jnp.ones_like(lp["w"].b))
+
+  def f(p, x):
+    k = jax.lax.with_sharding_constraint(p["w"], NamedSharding(mesh, P(None, "model")))
+    return x @ k
+
+  x = jnp.ones((8, 16))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", lj.LoraFallbackWarning)
+    y = jax.jit(lj.lora(f))(lp, x)
+  np.testing.assert_allclose(y, x @ lj.merge(lp)["w"], rtol=1e-5, atol=1e-5)
+  text = jax.jit(lj.lora(f)).lower(lp, x).as_text()
+  # b, held as (out, r) inside lora(), is constrained on its out axis like the kernel
+  assert '[{"model"}, {}]> : tensor<32x4xf32>' in text

@@ -34,6 +34,26 @@ def _w_only(ctx, eqn, invals):
   return [v.replace(w=bind(eqn, [v.w] + list(invals[1:]))[0])]
 
 
+def _constrain(ctx, eqn, invals):
+  """A sharding constraint on a kernel constrains its factors alike.
+
+  ``a`` takes the spec of the kernel's axes it holds, ``b`` likewise; the
+  rank axis (last in both) is replicated.
+  """
+  v = invals[0]
+  w = bind(eqn, [v.w])[0]
+  s = eqn.params.get("sharding")
+  if not isinstance(s, jax.sharding.NamedSharding):
+    return [v.replace(w=w)]
+  spec = tuple(s.spec) + (None,) * (v.ndim - len(s.spec))
+
+  def sub(dims):
+    return jax.sharding.NamedSharding(
+        s.mesh, jax.sharding.PartitionSpec(*[spec[d] for d in dims], None))
+  return [v.replace(w=w, a=lax.with_sharding_constraint(v.a, sub(v.a_dims)),
+                    b=lax.with_sharding_constraint(v.b, sub(v.b_dims)))]
+
+
 def _transpose(ctx, eqn, invals):
   v = invals[0]
   perm = eqn.params["permutation"]
@@ -322,7 +342,7 @@ def _scan(ctx, eqn, invals):
 
 RULES = {
     "convert_element_type": _cast,
-    "copy": _w_only, "copy_p": _w_only, "sharding_constraint": _w_only,
+    "copy": _w_only, "copy_p": _w_only, "sharding_constraint": _constrain,
     "transpose": _transpose,
     "reshape": _reshape, "squeeze": _reshape,
     "slice": _slice, "dynamic_slice": _dynamic_slice, "rev": _rev,

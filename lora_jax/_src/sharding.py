@@ -105,6 +105,8 @@ def place_factors(w, a, b, roles: str):
   sharding = getattr(w, "sharding", None) if isinstance(w, jax.Array) else None
   if not isinstance(sharding, (NamedSharding, SingleDeviceSharding)):
     return a, b
+  if isinstance(sharding, SingleDeviceSharding) and not w.committed:
+    return a, b  # an uncommitted kernel leaves its factors free to move too
   sa, sb = factor_shardings(sharding, roles)
   return jax.device_put(a, sa), jax.device_put(b, sb)
 
