@@ -1,0 +1,38 @@
+"""Compact Flax models for examples and interop tests (no torch import).
+
+>>> import jax.numpy as jnp
+>>> from lora_jax.models import Llama, LlamaConfig, init_params
+>>> cfg = LlamaConfig.tiny()
+>>> Llama(cfg).apply({"params": init_params(cfg)}, jnp.zeros((1, 4), jnp.int32)).shape
+(1, 4, 128)
+"""
+
+from lora_jax.models.llama import Llama as Llama
+from lora_jax.models.llama import LlamaAttention as LlamaAttention
+from lora_jax.models.llama import LlamaBlock as LlamaBlock
+from lora_jax.models.llama import LlamaConfig as LlamaConfig
+from lora_jax.models.llama import LlamaMLP as LlamaMLP
+from lora_jax.models.llama import generate as generate
+from lora_jax.models.llama import init_params as init_params
+from lora_jax.models.llama import llama_name_map as llama_name_map
+from lora_jax.models.llama import llama_rules as llama_rules
+from lora_jax.models.llama import load_hf_llama as load_hf_llama
+from lora_jax.models.llama import rotary as rotary
+from lora_jax.models.llama import save_hf_llama as save_hf_llama
+from lora_jax.models.llama import to_hf_state_dict as to_hf_state_dict
+
+__all__ = (
+    "Llama",
+    "LlamaAttention",
+    "LlamaBlock",
+    "LlamaConfig",
+    "LlamaMLP",
+    "generate",
+    "init_params",
+    "llama_name_map",
+    "llama_rules",
+    "load_hf_llama",
+    "rotary",
+    "save_hf_llama",
+    "to_hf_state_dict",
+)
