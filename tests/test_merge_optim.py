@@ -136,3 +136,15 @@ def test_summary_reproduces_peft_line_for_seed_003():
   # PEFT's own format: f"{100 * trainable / total:.4f}" -> 0.2415 (0.241452...)
   assert s.line() == "trainable params: 6,794 || all params: 2,813,804 || trainable%: 0.2415"
   assert len(s.rows) == 3 and "params/Dense_1/kernel" in str(s)
+
+
+@pytest.mark.parametrize("rank", [2, 32])
+@pytest.mark.parametrize("roles, shape", [("io", (48, 40)), ("sio", (3, 48, 40)),
+                                          ("ioo", (48, 5, 8)), ("iiio", (3, 3, 8, 40))])
+def test_merge_both_fold_paths_match_hand_delta(rank, roles, shape):
+  """Low ranks fold as fused rank-1 products, high ranks as a matmul per layer."""
+  w = jax.random.normal(jax.random.key(0), shape)
+  config = lj.LoraConfig(rank=rank, alpha=3.0, targets="k", layouts={"k": roles})
+  lp = randomize_b(lj.lora_init(jax.random.key(1), {"k": w}, config))
+  np.testing.assert_allclose(lj.merge(lp)["k"], hand_merge(lp)["k"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(lj.unmerge(lj.merge(lp), lj.adapter(lp))["k"], w, atol=1e-5)
