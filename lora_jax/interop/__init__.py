@@ -1,7 +1,9 @@
 """Weights interop: PyTorch / safetensors state dicts <-> Flax params.
 
 Importing this package does not import torch (torch is imported lazily, only
-to read ``.bin``/``.pt`` files or convert torch tensors).
+to read ``.bin``/``.pt`` files or convert torch tensors). Hugging Face PEFT
+LoRA adapters: ``load_peft_adapter`` / ``save_peft_adapter``
+(``lora_jax.interop.peft``).
 
 >>> import jax, numpy as np
 >>> from lora_jax import interop
@@ -12,6 +14,8 @@ to read ``.bin``/``.pt`` files or convert torch tensors).
 (2, 3)
 """
 
+from lora_jax.interop.peft import load_peft_adapter as load_peft_adapter
+from lora_jax.interop.peft import save_peft_adapter as save_peft_adapter
 from lora_jax.interop.torch import LAYER as LAYER
 from lora_jax.interop.torch import ConversionError as ConversionError
 from lora_jax.interop.torch import NameMap as NameMap
@@ -38,9 +42,11 @@ __all__ = (
     "kernel_from_torch",
     "kernel_to_torch",
     "load_params",
+    "load_peft_adapter",
     "pack_state_dict",
     "read_state_dict",
     "save_params",
+    "save_peft_adapter",
     "to_numpy",
     "torch_index",
     "torch_keys",
