@@ -1,0 +1,13 @@
+"""lora_jax benchmark suite: ``python -m bench [--quick] [--out DIR]``.
+
+Every figure is a ratio taken within one run, on one machine, with the
+contenders interleaved step by step (see ``bench/measure.py``). Modules:
+
+* ``models``     the workloads' models (Linen MLP stack, scanned decoder, NNX MLP);
+* ``peers``      the contenders: lora_jax, naive W + s·A·B, hand-written factored,
+                 Flax NNX LoRALinear, qwix, full fine-tuning, frozen base;
+* ``measure``    timing, XLA cost / memory analysis, compile time, machine info;
+* ``workloads``  sizes (tiny / quick / full) and one workload's measurements;
+* ``goals``      the project's targets and their met / missed verdicts;
+* ``report``     markdown table, JSON, PNG chart.
+"""
