@@ -98,7 +98,7 @@ class LoraWeight:
 
   def __repr__(self) -> str:
     def desc(x):
-      return f"{x.dtype}{list(x.shape)}" if hasattr(x, "shape") else repr(x)
+      return f"{x.dtype}{list(x.shape)}" if hasattr(x, "shape") and hasattr(x, "dtype") else repr(x)
     return (f"LoraWeight(w={desc(self.w)}, a={desc(self.a)}, b={desc(self.b)}, "
             f"scale={self.scale}, roles={self.roles!r}, dropout={self.dropout})")
 
