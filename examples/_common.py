@@ -50,6 +50,13 @@ def pyplot():
   return plt
 
 
+def save_figure(fig, path: str) -> None:
+  """Lay out ``fig``, write it to ``path`` as a 120-dpi PNG and close it."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  pyplot().close(fig)
+
+
 class Timer:
   """``with Timer() as t: ...``; then ``t.seconds``."""
 

@@ -36,7 +36,7 @@ from sklearn.metrics import roc_auc_score
 
 import lora_jax as lj
 
-from _common import figure_path, parser, progress, pyplot, table
+from _common import figure_path, parser, progress, pyplot, save_figure, table
 
 FRAME = 64
 PRETRAIN_TASK = dict(band=(0.05, 0.15), noise="white")
@@ -255,9 +255,7 @@ def plot(res, path):
     a.grid(alpha=0.3)
   a1.legend(loc="lower right")
   fig.suptitle("Adapting a pretrained encoder to a shifted signal-in-noise task")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

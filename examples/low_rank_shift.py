@@ -25,7 +25,7 @@ import optax
 
 import lora_jax as lj
 
-from _common import Timer, figure_path, parser, progress, pyplot, table
+from _common import Timer, figure_path, parser, progress, pyplot, save_figure, table
 
 
 def apply(params, x):
@@ -81,9 +81,7 @@ def plot(pre_curve, lora_curve, path):
   ax.set_ylabel("training MSE (mean over the epoch's batches)")
   ax.set_title("A rank-1 LoRA learns the shift θ → θ + 1")
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -33,7 +33,7 @@ from sklearn.model_selection import train_test_split
 
 import lora_jax as lj
 
-from _common import batches, figure_path, parser, progress, pyplot, table
+from _common import batches, figure_path, parser, progress, pyplot, save_figure, table
 
 
 class MLP(nn.Module):
@@ -108,9 +108,7 @@ def plot(before, after, digit, rank, path):
   ax.set_ylabel("test errors")
   ax.set_title(f"Errors per digit before / after LoRA fine-tuning on digit {digit}")
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

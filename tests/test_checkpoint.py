@@ -17,9 +17,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lora_jax as lj
-from lora_jax._src import checkpoint
-from lora_jax._src.checkpoint import (adapter_args, escape, load_adapter,
-                                      read_description, save_adapter)
+from lora_jax._src import atomic_dir
+from lora_jax._src.checkpoint import adapter_args, load_adapter, read_description, save_adapter
+from lora_jax._src.checkpoint_format import escape
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -223,7 +223,7 @@ def test_overwrite_is_explicit_and_replaces(tmp_path, trained):
 def test_swap_without_renameat2(tmp_path, trained, monkeypatch):
   base, p = trained
   path = save_adapter(tmp_path / "c", p)
-  monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+  monkeypatch.setattr(atomic_dir, "_exchange", lambda a, b: False)
   newer = _trained(p, seed=7)
   save_adapter(path, newer, overwrite=True)
   _assert_same_adapter(load_adapter(path, base), newer)

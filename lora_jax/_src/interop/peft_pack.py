@@ -1,0 +1,183 @@
+"""lora_jax params -> a PEFT adapter: the pure ``pack_peft``.
+
+``lora_jax`` keeps a ``scale`` per kernel, PEFT keeps ``r`` and
+``lora_alpha``: each module's alpha follows from its scale, the most common
+rank / alpha become the defaults and the rest go to ``rank_pattern`` /
+``alpha_pattern``; ``target_modules`` names exactly the adapted modules.
+"""
+
+import collections
+import math
+import warnings
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from lora_jax._src import tree
+from lora_jax._src.interop.convert import ConversionError
+from lora_jax._src.interop.names import LAYER, NameMap, as_name_map, torch_keys
+from lora_jax._src.interop.peft_format import PREFIX, is_io, kernel_modules
+from lora_jax._src.interop.tensors import leaf_to_torch, to_numpy
+from lora_jax._src.merge import base as _base
+from lora_jax._src.weight import LoraWeight, Trainable, is_node
+
+
+def _number(x: float):
+  """An alpha as JSON: an int when it is one (to rounding)."""
+  x = float(round(x, 9))
+  return int(x) if x.is_integer() else x
+
+
+def _patterns(values: dict[str, Any], default: Any) -> dict[str, Any]:
+  """PEFT patterns for modules whose value differs from ``default``.
+
+  A module-name suffix (``down_proj``) is used where every module with that
+  suffix shares the value, else the full module name.
+  """
+  by_suffix = collections.defaultdict(dict)
+  for module, v in values.items():
+    by_suffix[module.rsplit(".", 1)[-1]][module] = v
+  out = {}
+  for suffix, group in sorted(by_suffix.items()):
+    distinct = set(group.values())
+    if distinct == {default}:
+      continue
+    if len(distinct) == 1:
+      out[suffix] = distinct.pop()
+    else:
+      out.update({m: v for m, v in sorted(group.items()) if v != default})
+  return out
+
+
+def _target_modules(adapted: set[str], all_modules: set[str]) -> list[str]:
+  """Module-name suffixes where the adapter covers every module with that
+  suffix, full names elsewhere: PEFT then targets exactly ``adapted``."""
+  by_suffix = collections.defaultdict(set)
+  for m in all_modules:
+    by_suffix[m.rsplit(".", 1)[-1]].add(m)
+  out = []
+  for suffix, group in sorted(by_suffix.items()):
+    covered = group & adapted
+    if not covered:
+      continue
+    out += [suffix] if covered == group else sorted(covered)
+  return out
+
+
+def _to_peft(lw: LoraWeight, layer: int | None, module: str,
+             torch_shape, is_embedding: bool) -> dict[str, np.ndarray]:
+  a, b = to_numpy(lw.a), to_numpy(lw.b)
+  if layer is not None:
+    a, b = a[layer], b[layer]
+  r = a.shape[-1]
+  conv = torch_shape is not None and len(torch_shape) > 2
+  if is_embedding:
+    return {f"{module}.lora_embedding_A": a.reshape(-1, r).T,
+            f"{module}.lora_embedding_B": b.reshape(r, -1).T}
+  if conv:
+    A = np.transpose(a, (a.ndim - 1, a.ndim - 2) + tuple(range(a.ndim - 2)))
+    B = b.T.reshape(b.shape[1], r, *([1] * (a.ndim - 2)))
+    return {f"{module}.lora_A.weight": A, f"{module}.lora_B.weight": B}
+  return {f"{module}.lora_A.weight": a.reshape(-1, r).T,
+          f"{module}.lora_B.weight": b.reshape(r, -1).T}
+
+
+def pack_peft(params: Any, name_map: NameMap, *, use_rslora: bool = False,
+              base_model_name_or_path: str | None = None, task_type: str | None = None,
+              shapes: Mapping[str, Sequence[int]] | None = None):
+  """lora_jax params -> ``(adapter_config dict, {key: np.ndarray})`` in PEFT's format.
+
+  ``lora_jax`` keeps a ``scale`` per kernel, PEFT keeps ``r`` and
+  ``lora_alpha``: each module gets ``alpha = scale * r`` (``scale *
+  sqrt(r)`` with ``use_rslora``); the most common rank and alpha become
+  ``r`` / ``lora_alpha`` and the others go to ``rank_pattern`` /
+  ``alpha_pattern``. ``Trainable`` leaves become ``modules_to_save``.
+
+  Args:
+    params: params with ``LoraWeight`` (and ``Trainable``) nodes.
+    name_map: Flax path -> torch key of the base model.
+    use_rslora: write ``use_rslora: true`` (alphas follow).
+    base_model_name_or_path: recorded in the config.
+    task_type: e.g. ``"CAUSAL_LM"`` (``PeftModel.from_pretrained`` then builds
+      the task model class); None by default.
+    shapes: ``{torch_key: shape}`` of the base model's tensors; needed only
+      for kernels with several input axes and one output axis, which may be
+      a DenseGeneral (torch Linear) or a conv.
+
+  Example:
+    >>> import jax, numpy as np, lora_jax as lj
+    >>> p = lj.lora_init(jax.random.key(0), {"fc": {"kernel": np.ones((3, 2), np.float32)}},
+    ...                  lj.LoraConfig(rank=1, alpha=4, targets=".*kernel"))
+    >>> cfg, t = pack_peft(p, [(r"fc/kernel", "fc.weight")])
+    >>> cfg["target_modules"], cfg["r"], cfg["lora_alpha"], sorted(t)
+    (['fc'], 1, 4, ['base_model.model.fc.lora_A.weight', 'base_model.model.fc.lora_B.weight'])
+  """
+  name = as_name_map(name_map)
+  shapes = shapes or {}
+  base = _base(params)
+  all_modules = set(kernel_modules(base, name_map))
+  tensors: dict[str, np.ndarray] = {}
+  ranks, alphas, dropouts, saved, problems = {}, {}, [], [], []
+  for path, x in tree.flatten(params, is_leaf=is_node)[0]:
+    if not is_node(x):
+      continue
+    key = name(path)
+    if key is None:
+      problems.append(f"{path}: the name map gives no torch key")
+      continue
+    shape = tuple(np.shape(x.w if isinstance(x, LoraWeight) else x.base))
+    layers = list(range(shape[0])) if LAYER in key else [None]
+    if isinstance(x, Trainable):
+      v = to_numpy(x.value)
+      is_kernel = path.rsplit("/", 1)[-1] == "kernel"
+      for layer, k in zip(layers, torch_keys(key, shape)):
+        part = v if layer is None else v[layer]
+        try:
+          tensors[PREFIX + k] = np.ascontiguousarray(
+              leaf_to_torch(part, is_kernel, shapes.get(k)))
+        except ValueError as e:
+          problems.append(f"{path} -> {k}: {e}")
+        saved.append(k.rsplit(".", 1)[0])
+      continue
+    if not key.endswith(".weight"):
+      problems.append(f"{path}: torch key {key!r} is not a module's .weight")
+      continue
+    roles = x.roles[1:] if layers[0] is not None else x.roles
+    if (layers[0] is not None and not x.roles.startswith("s")) or not is_io(roles):
+      problems.append(f"{path}: roles {x.roles!r} cannot be a PEFT adapter (expected "
+                      f"{'s' if layers[0] is not None else ''}i+o+ for torch key {key!r})")
+      continue
+    is_embedding = path.rsplit("/", 1)[-1] == "embedding"
+    for layer, k in zip(layers, torch_keys(key, shape)):
+      module = k[:-len(".weight")]
+      torch_shape = shapes.get(k)
+      if torch_shape is None and roles.count("i") > 1 and roles.count("o") == 1 and not is_embedding:
+        problems.append(f"{path}: a kernel with roles {x.roles!r} may be a DenseGeneral "
+                        f"(torch Linear) or a conv; pass shapes={{{k!r}: torch_shape}}")
+        break
+      for tk, tv in _to_peft(x, layer, module, torch_shape, is_embedding).items():
+        tensors[PREFIX + tk] = np.ascontiguousarray(tv)
+      ranks[module] = x.rank
+      alphas[module] = _number(x.scale * (math.sqrt(x.rank) if use_rslora else x.rank))
+      dropouts.append(float(x.dropout))
+  if problems:
+    raise ConversionError("save_peft_adapter", other=problems)
+  if not ranks:
+    raise ValueError("save_peft_adapter: params hold no LoraWeight (use lora_jax.lora_init "
+                     "or load_peft_adapter first)")
+  r = collections.Counter(ranks.values()).most_common(1)[0][0]
+  alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
+  if len(set(dropouts)) > 1:
+    warnings.warn(f"save_peft_adapter: dropout rates differ {sorted(set(dropouts))}; "
+                  "PEFT has one lora_dropout, writing the largest", stacklevel=3)
+  config = {
+      "peft_type": "LORA", "task_type": task_type,
+      "base_model_name_or_path": base_model_name_or_path,
+      "r": r, "lora_alpha": alpha, "use_rslora": bool(use_rslora),
+      "target_modules": _target_modules(set(ranks), all_modules),
+      "rank_pattern": _patterns(ranks, r), "alpha_pattern": _patterns(alphas, alpha),
+      "lora_dropout": max(dropouts), "bias": "none", "fan_in_fan_out": False,
+      "modules_to_save": sorted(set(saved)) or None,
+      "init_lora_weights": True, "inference_mode": True,
+  }
+  return config, tensors

@@ -1,0 +1,265 @@
+"""PEFT adapter tensors -> lora_jax params: the pure ``unpack_peft``.
+
+PEFT's ``lora_A`` ``(r, in)`` / ``lora_B`` ``(out, r)`` become ``a =
+lora_A.T`` reshaped to ``in_axes + (r,)`` and ``b = lora_B.T`` reshaped to
+``(r,) + out_axes`` (conv and embedding factors likewise); per-layer tensors
+of a stacked (``{layer}``) kernel are stacked, ranks zero-padded.
+"""
+
+import collections
+import math
+import re
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax._src import layout, tree
+from lora_jax._src.interop.convert import ConversionError
+from lora_jax._src.interop.names import LAYER, NameMap, torch_index
+from lora_jax._src.interop.peft_format import (PREFIX, check_config, is_io, is_targeted,
+                                               kernel_modules, pattern_value)
+from lora_jax._src.interop.tensors import leaf_from_torch, to_numpy
+from lora_jax._src.merge import base as _base
+from lora_jax._src.weight import LoraWeight, Trainable, is_node
+
+_KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight"
+                  r"|(?P<emodule>.+)\.(?P<ekind>lora_embedding_A|lora_embedding_B)"
+                  r"(?:\.[^.]+)?")
+
+
+def _linear_split(shape: tuple, n_in: int, n_out: int) -> list[int]:
+  """Every k with prod(shape[:k]) == n_in and prod(shape[k:]) == n_out."""
+  return [k for k in range(1, len(shape))
+          if math.prod(shape[:k]) == n_in and math.prod(shape[k:]) == n_out]
+
+
+def _scale(alpha: float, r: int, rslora: bool) -> float:
+  return alpha / (math.sqrt(r) if rslora else r)
+
+
+def _parse_keys(tensors: Mapping[str, Any]):
+  """``{module: {"A": key, "B": key}}``, embedding modules, and other keys."""
+  groups: dict[str, dict[str, str]] = collections.defaultdict(dict)
+  embedding, other = set(), []
+  for key in tensors:
+    bare = key.removeprefix(PREFIX)
+    m = _KEY.fullmatch(bare)
+    if m is None:
+      other.append(key)
+      continue
+    module = m.group("module") or m.group("emodule")
+    kind = (m.group("kind") or m.group("ekind"))[-1]
+    if m.group("emodule"):
+      embedding.add(module)
+    if kind in groups[module]:
+      other.append(key)  # a second adapter name, or both key forms
+      continue
+    groups[module][kind] = key
+  return dict(groups), embedding, other
+
+
+def _factors(A: np.ndarray, B: np.ndarray, shape: tuple, roles: str | None):
+  """One layer's ``(a, b, roles)`` from PEFT's A and B, or an error string."""
+  r = A.shape[0]
+  if B.ndim < 2 or B.shape[1] != r:
+    return f"lora_B {B.shape} does not have lora_A's rank {r} on axis 1"
+  if A.ndim == 2:  # Linear / Embedding
+    n_in, n_out = A.shape[1], B.shape[0]
+    if roles is not None:
+      ks = [roles.count("i")] if (is_io(roles) and math.prod(shape[:roles.count("i")]) == n_in
+                                  and math.prod(shape[roles.count("i"):]) == n_out) else []
+    else:
+      ks = _linear_split(shape, n_in, n_out)
+    if not ks:
+      return (f"lora_A {A.shape} / lora_B {B.shape} (in={n_in}, out={n_out}) do not fit the "
+              f"kernel of shape {shape}" + (f" with roles {roles!r}" if roles else ""))
+    if len(ks) > 1:
+      return (f"the kernel of shape {shape} splits into in={n_in}, out={n_out} in "
+              f"several ways; pass trace= (or params with LoraWeight nodes) to fix its roles")
+    k = ks[0]
+    return A.T.reshape(shape[:k] + (r,)), B.T.reshape((r,) + shape[k:]), "i" * k + "o" * (len(shape) - k)
+  # Conv: A (r, I, *k), B (O, r, 1, ...); Flax kernel (*k, I, O)
+  nd = A.ndim
+  conv_shape = tuple(A.shape[2:]) + (A.shape[1], B.shape[0])
+  if (conv_shape != shape or B.ndim != nd or any(d != 1 for d in B.shape[2:])
+      or (roles is not None and roles != "i" * (nd - 1) + "o")):
+    return f"conv lora_A {A.shape} / lora_B {B.shape} do not fit the kernel of shape {shape}"
+  a = np.transpose(A, tuple(range(2, nd)) + (1, 0))
+  return a, B.reshape(B.shape[0], r).T, "i" * (nd - 1) + "o"
+
+
+def _stack(parts: list, n_layers: int, per_shape: tuple):
+  """Stack per-layer ``(a, b, roles, scale)``; pad ranks, fold scale ratios into b."""
+  present = [p for p in parts if p is not None]
+  rank = max(p[0].shape[-1] for p in present)
+  roles = present[0][2]
+  scale = collections.Counter(p[3] for p in present).most_common(1)[0][0]
+  n_in = roles.count("i")
+  a_all = np.zeros((n_layers,) + per_shape[:n_in] + (rank,), np.float32)
+  b_all = np.zeros((n_layers, rank) + per_shape[n_in:], np.float32)
+  for layer, p in enumerate(parts):
+    if p is None:
+      continue  # a layer PEFT does not adapt: zero factors
+    a, b, _, s = p
+    r = a.shape[-1]
+    a_all[layer, ..., :r] = a
+    b_all[layer, :r] = b * (s / scale)
+  return a_all, b_all, "s" + roles, scale
+
+
+def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: Any,
+                name_map: NameMap, *, trace: Callable[[Any], Any] | None = None,
+                dtype: Any = None) -> Any:
+  """A PEFT adapter (config dict + tensors) on lora_jax params.
+
+  Args:
+    config: the ``adapter_config.json`` dict.
+    tensors: ``{key: array}`` as in ``adapter_model.safetensors``.
+    params: the base params (plain, or with lora_jax nodes: adapters already
+      there are replaced, their roles are used).
+    name_map: Flax path -> torch key of the *base* model (see
+      ``lora_jax.interop.torch``).
+    trace: optional ``lambda p: model.apply(p, x)``; only needed when a 3+-D
+      kernel's shape splits into PEFT's ``(in, out)`` in several ways (size-1
+      axes).
+    dtype: dtype of the factors; the kernel's by default.
+
+  Returns:
+    params with ``LoraWeight`` nodes (and ``Trainable`` for modules_to_save).
+
+  Raises:
+    ValueError: unsupported PEFT features (by name).
+    ConversionError: unknown / missing / mis-shaped keys and rank mismatches, all at once.
+
+  Example:
+    >>> import numpy as np
+    >>> params = {"fc": {"kernel": np.zeros((3, 2), np.float32)}}
+    >>> cfg = {"r": 1, "lora_alpha": 2, "target_modules": ["fc"]}
+    >>> t = {"base_model.model.fc.lora_A.weight": np.ones((1, 3), np.float32),
+    ...      "base_model.model.fc.lora_B.weight": np.ones((2, 1), np.float32)}
+    >>> lw = unpack_peft(cfg, t, params, [(r"fc/kernel", "fc.weight")])["fc"]["kernel"]
+    >>> lw.a.shape, lw.b.shape, lw.scale
+    ((3, 1), (1, 2), 2.0)
+  """
+  check_config(config)
+  base = _base(params)
+  leaves, treedef = tree.flatten(base)
+  by_path = dict(leaves)
+  known_roles = {p: x.roles for p, x in tree.flatten(params, is_leaf=is_node)[0]
+                 if isinstance(x, LoraWeight)}
+  modules = kernel_modules(base, name_map)
+  index = torch_index(base, name_map)
+  groups, embedding, other = _parse_keys(tensors)
+  rslora = bool(config.get("use_rslora", False))
+  r0, alpha0 = int(config.get("r", 8)), config.get("lora_alpha", 8)
+  unexpected, missing, mismatched, problems = [], [], [], []
+  saved = [m.removeprefix(PREFIX) for m in config.get("modules_to_save") or ()]
+
+  # modules_to_save: full tensors of whole modules -> Trainable leaves
+  trained: dict[str, dict[int | None, np.ndarray]] = collections.defaultdict(dict)
+  for key in other:
+    bare = key.removeprefix(PREFIX)
+    module = bare.rsplit(".", 1)[0]
+    if bare in index and any(module.endswith(m) for m in saved):
+      path, layer = index[bare]
+      trained[path][layer] = key
+    else:
+      unexpected.append(key)
+
+  # which modules PEFT would adapt, and which the file adapts
+  per_path: dict[str, dict[int | None, str]] = collections.defaultdict(dict)
+  for module, kinds in groups.items():
+    if module not in modules:
+      unexpected += sorted(kinds.values())
+      continue
+    if not is_targeted(config, module):
+      problems.append(f"{module}: has LoRA tensors but target_modules="
+                      f"{config.get('target_modules')!r} does not select it")
+      continue
+    for kind in "AB":
+      if kind not in kinds:
+        other_kind = "lora_embedding_" if module in embedding else "lora_"
+        missing.append((modules[module][0], f"{module}.{other_kind}{kind}"))
+    path, layer = modules[module]
+    per_path[path][layer] = module
+  for module, (path, layer) in modules.items():
+    if module not in groups and is_targeted(config, module):
+      missing.append((path, f"{module}.lora_A / lora_B (targeted by target_modules)"))
+
+  inferred = {}
+  if trace is not None:
+    inferred = layout.infer_roles(trace, base, sorted(per_path))
+  out = dict(leaves)
+  for path, layers in per_path.items():
+    w = by_path[path]
+    stacked = next(iter(layers)) is not None
+    roles = known_roles.get(path) or inferred.get(path)
+    if roles is not None and stacked:
+      if not roles.startswith("s") or "s" in roles[1:]:
+        problems.append(f"{path}: roles {roles!r} do not fit a stacked ({LAYER}) torch key")
+        continue
+      roles = roles[1:]
+    elif roles is not None and "s" in roles:
+      problems.append(f"{path}: roles {roles!r} have a stacked axis but the name map "
+                      f"key has no {LAYER}")
+      continue
+    shape = tuple(w.shape[1:] if stacked else w.shape)
+    parts = [None] * (w.shape[0] if stacked else 1)
+    for layer, module in layers.items():
+      kinds = groups[module]
+      if set(kinds) != {"A", "B"}:
+        continue
+      A = to_numpy(tensors[kinds["A"]])
+      B = to_numpy(tensors[kinds["B"]])
+      r = int(pattern_value(config.get("rank_pattern"), module, r0))
+      alpha = float(pattern_value(config.get("alpha_pattern"), module, alpha0))
+      if A.shape[0] != r:
+        problems.append(f"{kinds['A']}: rank {A.shape[0]}, but the config gives "
+                        f"{module} rank {r} (r / rank_pattern)")
+        continue
+      got = _factors(A, B, shape, roles)
+      if isinstance(got, str):
+        mismatched.append((path, module, f"{got}"))
+        continue
+      parts[layer or 0] = got + (_scale(alpha, r, rslora),)
+    if any(p is None for p in parts) and not stacked:
+      continue
+    if all(p is None for p in parts):
+      continue
+    if stacked:
+      a, b, full_roles, scale = _stack(parts, w.shape[0], shape)
+    else:
+      a, b, full_roles, scale = parts[0]
+    fdtype = dtype or w.dtype
+    out[path] = LoraWeight(w, jnp.asarray(a, fdtype), jnp.asarray(b, fdtype), scale=scale,
+                           roles=full_roles, dropout=float(config.get("lora_dropout", 0.0)))
+
+  for path, layers in trained.items():
+    w = by_path[path]
+    stacked = next(iter(layers)) is not None
+    n = w.shape[0] if stacked else 1
+    if set(layers) != (set(range(n)) if stacked else {None}):
+      missing.append((path, f"modules_to_save tensors for layers "
+                            f"{sorted(set(range(n)) - set(layers))}"))
+      continue
+    is_kernel = path.rsplit("/", 1)[-1] == "kernel"
+    shape = tuple(w.shape[1:] if stacked else w.shape)
+    vals = []
+    for layer in (range(n) if stacked else [None]):
+      x = to_numpy(tensors[layers[layer]])
+      v = leaf_from_torch(x, shape, is_kernel)
+      if v is None:
+        mismatched.append((path, layers[layer], f"torch {x.shape} does not convert to {shape}"))
+        break
+      vals.append(v)
+    else:
+      value = np.stack(vals) if stacked else vals[0]
+      out[path] = Trainable(jnp.asarray(value, w.dtype), w)
+
+  if unexpected or missing or mismatched or problems:
+    raise ConversionError(
+        "load_peft_adapter", unexpected=unexpected, missing=missing,
+        other=problems + [f"{p} <- {m}: {why}" for p, m, why in mismatched])
+  return jax.tree_util.tree_unflatten(treedef, [out[p] for p, _ in leaves])

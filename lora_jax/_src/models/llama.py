@@ -1,0 +1,327 @@
+"""The Flax Linen Llama-style decoder: ``LlamaConfig``, its layers, ``Llama``, ``init_params``.
+
+RMSNorm, rotary embeddings (HF's ``rotate_half`` convention), grouped-query
+attention with a causal mask and a SwiGLU MLP, with Hugging Face's parameter
+names (see ``lora_jax.models.llama``).
+"""
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+_INIT = nn.initializers.normal(0.02)  # HF's initializer_range
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Hyper-parameters of a Llama-style decoder (HF ``LlamaConfig`` names).
+
+  Attributes:
+    vocab_size: number of tokens.
+    hidden_size: model width ``d``.
+    intermediate_size: SwiGLU hidden width.
+    num_hidden_layers: number of decoder blocks ``L``.
+    num_attention_heads: query heads.
+    num_key_value_heads: key/value heads (grouped-query attention when fewer
+      than the query heads; must divide them).
+    rms_norm_eps: RMSNorm epsilon.
+    rope_theta: rotary base.
+    max_position_embeddings: longest sequence (used by ``generate`` checks).
+    tie_word_embeddings: logits use the embedding matrix (no ``lm_head``).
+    dtype: compute dtype.
+    param_dtype: parameter dtype.
+    scan_layers: stack the blocks with ``nn.scan`` (leading layer axis).
+    remat: rematerialize each block in the backward pass.
+    head_dim: per-head width; ``hidden_size // num_attention_heads`` if None.
+    attention_bias: q/k/v/o projections have biases.
+    mlp_bias: gate/up/down projections have biases.
+
+  Example:
+    >>> cfg = LlamaConfig.tiny(scan_layers=True)
+    >>> cfg.num_hidden_layers, cfg.head_size, cfg.scan_layers
+    (2, 8, True)
+  """
+
+  vocab_size: int = 128
+  hidden_size: int = 32
+  intermediate_size: int = 64
+  num_hidden_layers: int = 2
+  num_attention_heads: int = 4
+  num_key_value_heads: int = 2
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  max_position_embeddings: int = 256
+  tie_word_embeddings: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  scan_layers: bool = False
+  remat: bool = False
+  head_dim: int | None = None
+  attention_bias: bool = False
+  mlp_bias: bool = False
+
+  def __post_init__(self):
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(
+          f"LlamaConfig: num_attention_heads={self.num_attention_heads} must be "
+          f"a multiple of num_key_value_heads={self.num_key_value_heads}")
+    if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+      raise ValueError(
+          f"LlamaConfig: hidden_size={self.hidden_size} is not divisible by "
+          f"num_attention_heads={self.num_attention_heads}; set head_dim")
+    if self.head_size % 2:
+      raise ValueError(f"LlamaConfig: head_dim={self.head_size} must be even for RoPE")
+
+  @property
+  def head_size(self) -> int:
+    """The per-head width actually used."""
+    return self.head_dim or self.hidden_size // self.num_attention_heads
+
+  @classmethod
+  def tiny(cls, **overrides) -> "LlamaConfig":
+    """A 2-layer, d=32 config with GQA (4 query / 2 kv heads) for tests."""
+    return cls(**overrides)
+
+  def replace(self, **changes) -> "LlamaConfig":
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def from_hf(cls, hf_config: Any, **overrides) -> "LlamaConfig":
+    """Build from a ``transformers.LlamaConfig`` or its ``config.json`` dict.
+
+    Args:
+      hf_config: a transformers config object or a plain dict.
+      **overrides: fields to set (``dtype``, ``scan_layers``, ...).
+
+    Returns:
+      A ``LlamaConfig``.
+
+    Raises:
+      NotImplementedError: for a rope scaling type other than ``default``
+        or an activation other than SiLU.
+
+    Example:
+      >>> cfg = LlamaConfig.from_hf({"vocab_size": 64, "hidden_size": 32,
+      ...     "intermediate_size": 64, "num_hidden_layers": 1,
+      ...     "num_attention_heads": 4, "num_key_value_heads": 1,
+      ...     "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}})
+      >>> cfg.rope_theta, cfg.num_key_value_heads
+      (500000.0, 1)
+    """
+    d = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+      raise NotImplementedError(
+          f"LlamaConfig.from_hf: rope_type {rope_type!r} is not supported "
+          "(only 'default' rotary embeddings)")
+    if d.get("hidden_act", "silu") != "silu":
+      raise NotImplementedError(
+          f"LlamaConfig.from_hf: hidden_act {d['hidden_act']!r} is not supported")
+    heads = d["num_attention_heads"]
+    fields = dict(
+        vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"],
+        num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads,
+        num_key_value_heads=d.get("num_key_value_heads") or heads,
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+        max_position_embeddings=d.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        head_dim=d.get("head_dim"),
+        attention_bias=bool(d.get("attention_bias", False)),
+        mlp_bias=bool(d.get("mlp_bias", False)))
+    fields.update(overrides)
+    return cls(**fields)
+
+  def to_hf_dict(self) -> dict:
+    """A ``config.json`` dict that ``transformers.LlamaConfig`` reads.
+
+    Example:
+      >>> LlamaConfig.tiny().to_hf_dict()["model_type"]
+      'llama'
+    """
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size,
+        "num_hidden_layers": self.num_hidden_layers,
+        "num_attention_heads": self.num_attention_heads,
+        "num_key_value_heads": self.num_key_value_heads,
+        "head_dim": self.head_size, "hidden_act": "silu",
+        "rms_norm_eps": self.rms_norm_eps,
+        "rope_theta": self.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+        "max_position_embeddings": self.max_position_embeddings,
+        "tie_word_embeddings": self.tie_word_embeddings,
+        "attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias,
+        "torch_dtype": jnp.dtype(self.param_dtype).name,
+    }
+
+
+def rotary(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary embedding of ``x`` (B, T, heads, hd) at ``positions`` (B, T).
+
+  HF's convention: the two halves of the head are the rotated pairs
+  (``rotate_half``), frequencies ``theta ** (-2k / hd)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> x = jnp.ones((1, 3, 2, 4))
+    >>> y = rotary(x, jnp.arange(3)[None], 10000.0)
+    >>> y.shape, bool(jnp.allclose(y[:, 0], x[:, 0]))
+    ((1, 3, 2, 4), True)
+  """
+  hd = x.shape[-1]
+  inv = 1.0 / theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)
+  freqs = positions.astype(jnp.float32)[..., None] * inv[None, None, :]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+  x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+  return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def _dense(cfg: LlamaConfig, features: int, bias: bool, name: str) -> nn.Dense:
+  return nn.Dense(features, use_bias=bias, dtype=cfg.dtype,
+                  param_dtype=cfg.param_dtype, kernel_init=_INIT, name=name)
+
+
+def _norm(cfg: LlamaConfig, name: str) -> nn.RMSNorm:
+  return nn.RMSNorm(epsilon=cfg.rms_norm_eps, dtype=cfg.dtype,
+                    param_dtype=cfg.param_dtype, name=name)
+
+
+class LlamaAttention(nn.Module):
+  """Grouped-query self-attention with rotary embeddings."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, mask: Array) -> Array:
+    cfg = self.config
+    b, t, _ = x.shape
+    h, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+    bias = cfg.attention_bias
+    q = _dense(cfg, h * hd, bias, "q_proj")(x).reshape(b, t, h, hd)
+    k = _dense(cfg, kv * hd, bias, "k_proj")(x).reshape(b, t, kv, hd)
+    v = _dense(cfg, kv * hd, bias, "v_proj")(x).reshape(b, t, kv, hd)
+    q = rotary(q, positions, cfg.rope_theta).reshape(b, t, kv, h // kv, hd)
+    k = rotary(k, positions, cfg.rope_theta)
+    # query head g * (h // kv) + r attends with kv head g (HF's repeat_kv).
+    scores = jnp.einsum("btgrd,bsgd->bgrts", q, k) * jnp.asarray(hd ** -0.5, q.dtype)
+    scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32),
+                       jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v).reshape(b, t, h * hd)
+    return _dense(cfg, cfg.hidden_size, bias, "o_proj")(out)
+
+
+class LlamaMLP(nn.Module):
+  """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    gate = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x)
+    up = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x)
+    return _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(nn.silu(gate) * up)
+
+
+class LlamaBlock(nn.Module):
+  """Pre-norm decoder block; returns ``(x, None)`` so it can be scanned."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, mask: Array):
+    cfg = self.config
+    h = _norm(cfg, "input_layernorm")(x)
+    x = x + LlamaAttention(cfg, name="self_attn")(h, positions, mask)
+    h = _norm(cfg, "post_attention_layernorm")(x)
+    return x + LlamaMLP(cfg, name="mlp")(h), None
+
+
+class Llama(nn.Module):
+  """Llama-style causal language model: ``(B, T)`` token ids -> ``(B, T, V)`` logits.
+
+  Attributes:
+    config: a ``LlamaConfig``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> model = Llama(LlamaConfig.tiny())
+    >>> ids = jnp.zeros((1, 5), jnp.int32)
+    >>> params = model.init(jax.random.key(0), ids)["params"]
+    >>> params["layers_0"]["self_attn"]["q_proj"]["kernel"].shape
+    (32, 32)
+    >>> model.apply({"params": params}, ids).shape
+    (1, 5, 128)
+  """
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, input_ids: Array, positions: Array | None = None,
+               attention_mask: Array | None = None) -> Array:
+    """Logits for ``input_ids``.
+
+    Args:
+      input_ids: ``(B, T)`` integer token ids.
+      positions: ``(B, T)`` rotary positions; ``arange(T)`` if None.
+      attention_mask: ``(B, T)``, 1 for tokens to attend to, 0 for padding.
+
+    Returns:
+      ``(B, T, vocab_size)`` logits in ``config.dtype``.
+    """
+    cfg = self.config
+    b, t = input_ids.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    if attention_mask is not None:
+      mask = mask & attention_mask.astype(bool)[:, None, :]
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
+                     param_dtype=cfg.param_dtype, embedding_init=_INIT,
+                     name="embed_tokens")
+    x = embed(input_ids)
+    block = nn.remat(LlamaBlock) if cfg.remat else LlamaBlock
+    if cfg.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0},
+                      split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast),
+                      length=cfg.num_hidden_layers)
+      x, _ = stack(cfg, name="layers")(x, positions, mask)
+    else:
+      for i in range(cfg.num_hidden_layers):
+        x, _ = block(cfg, name=f"layers_{i}")(x, positions, mask)
+    x = _norm(cfg, "norm")(x)
+    if cfg.tie_word_embeddings:
+      return embed.attend(x)
+    return _dense(cfg, cfg.vocab_size, False, "lm_head")(x)
+
+
+def init_params(config: LlamaConfig, key: Array | None = None, *,
+                abstract: bool = False):
+  """Random params for ``Llama(config)`` (or their shapes with ``abstract``).
+
+  Example:
+    >>> shapes = init_params(LlamaConfig.tiny(scan_layers=True), abstract=True)
+    >>> shapes["layers"]["mlp"]["down_proj"]["kernel"].shape
+    (2, 64, 32)
+  """
+  key = jax.random.key(0) if key is None else key
+  init = _init_fn(config)
+  return jax.eval_shape(init, key) if abstract else init(key)
+
+
+@functools.lru_cache(maxsize=16)
+def _init_fn(config: LlamaConfig):
+  ids = jnp.zeros((1, 1), jnp.int32)
+  return jax.jit(lambda k: Llama(config).init(k, ids)["params"])
