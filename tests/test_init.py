@@ -146,3 +146,16 @@ def test_trace_reads_torch_style_layouts():
   lp = lj.lora_init(jax.random.key(0), params, lj.LoraConfig(rank=2, targets="w"),
                     trace=lambda p: jnp.ones((2, 8)) @ p["w"].T)
   assert lp["w"].roles == "oi" and lp["w"].a.shape == (8, 2) and lp["w"].b.shape == (2, 6)
+
+
+def test_traced_scale_in_a_lora_weight_is_an_error():
+  lw = lj.lora_init(jax.random.key(0), {"k": jnp.ones((4, 4))},
+                    lj.LoraConfig(rank=1, targets="k"))["k"]
+
+  @jax.jit
+  def rescale(s):
+    return lw.replace(scale=s)
+  with pytest.raises(TypeError, match="LoraWeight.scale must be a static Python number"):
+    rescale(2.0)
+  with pytest.raises(TypeError, match="roles must be a string"):
+    lw.replace(roles="xy")

@@ -19,6 +19,7 @@ and ``ΔW = scale · a @ b`` reshaped to ``w``'s axes.
 off exactly.
 """
 
+import numbers
 from typing import Any
 
 import jax
@@ -60,6 +61,13 @@ class LoraWeight:
   __slots__ = ("w", "a", "b", "scale", "roles", "dropout")
 
   def __init__(self, w, a, b, *, scale: float, roles: str, dropout: float = 0.0):
+    for name, value in (("scale", scale), ("dropout", dropout)):
+      if isinstance(value, jax.core.Tracer) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"LoraWeight.{name} must be a static Python number (it is part of the "
+            f"pytree structure, like a hyperparameter), got {value!r}")
+    if not isinstance(roles, str) or not set(roles) <= ROLES:
+      raise TypeError(f"LoraWeight.roles must be a string of 's', 'i', 'o', got {roles!r}")
     self.w, self.a, self.b = w, a, b
     self.scale, self.roles, self.dropout = scale, roles, dropout
 
