@@ -52,10 +52,15 @@ def _fold(w, lw: LoraWeight, sign: float):
     return _fold_fused(w, lw, sign)
   if lw.roles[0] == "s":  # stacked layers: one layer's ΔW at a time, in place
     def one(i, acc):
-      layer = lw.replace(a=lw.a[i], b=lw.b[i], roles=lw.roles[1:])
-      return acc.at[i].set(_fold(acc[i], layer, sign))
+      layer = lw.replace(a=lw.a[i], b=lw.b[i], roles=lw.roles[1:], scale=sign * lw.scale)
+      d = delta(layer)[None]
+      start = (i,) + (0,) * (w.ndim - 1)
+      old = jax.lax.dynamic_slice(acc, start, d.shape)
+      return jax.lax.dynamic_update_slice(
+          acc, (old.astype(jnp.float32) + d).astype(w.dtype), start)
     return jax.lax.fori_loop(0, w.shape[0], one, w)
-  return (w.astype(jnp.float32) + sign * delta(lw.replace(w=w))).astype(w.dtype)
+  d = delta(lw.replace(w=w, scale=sign * lw.scale))  # the one ΔW-sized temp
+  return (w.astype(jnp.float32) + d).astype(w.dtype)
 
 
 def merge(params: Params) -> Params:

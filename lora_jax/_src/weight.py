@@ -194,6 +194,6 @@ def delta(lw: LoraWeight, dtype=jnp.float32) -> jax.Array:
     [[0.5, 0.5], [0.5, 0.5]]
   """
   sa, sb, sw = einsum_specs(lw.roles)
-  d = jnp.einsum(f"{sa},{sb}->{sw}", lw.a.astype(dtype), lw.b.astype(dtype),
-                 preferred_element_type=dtype)
-  return d * jnp.asarray(lw.scale, dtype)
+  a = lw.a.astype(dtype) * jnp.asarray(lw.scale, dtype)  # scale the small factor
+  return jnp.einsum(f"{sa},{sb}->{sw}", a, lw.b.astype(dtype),
+                    preferred_element_type=dtype)
