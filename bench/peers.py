@@ -147,10 +147,10 @@ def nnx_lora(kind: str, lp, d: int, layers: int, rank: int, scale: float) -> Con
   model = models.NnxMLP(d, layers, rank, nnx.Rngs(0))
   for i, lin in enumerate(model.layers):
     lw = lp[f"Linear_{i}"]["kernel"]
-    lin.kernel.value = lw.w
-    lin.bias.value = lp[f"Linear_{i}"]["bias"]
-    lin.lora.lora_a.value = lw.a
-    lin.lora.lora_b.value = lw.b * lw.scale  # nnx.LoRA has no scale: fold it into B
+    lin.kernel[...] = lw.w
+    lin.bias[...] = lp[f"Linear_{i}"]["bias"]
+    lin.lora.lora_a[...] = lw.a
+    lin.lora.lora_b[...] = lw.b * lw.scale  # nnx.LoRA has no scale: fold it into B
   graphdef, state = nnx.split(model)
   fwd = lambda s, x: nnx.merge(graphdef, s)(x)
   return Contender("nnx", state, fwd,
