@@ -375,5 +375,6 @@ def test_sharding_constraint_on_a_kernel_constrains_its_factors():
     y = jax.jit(lj.lora(f))(lp, x)
   np.testing.assert_allclose(y, x @ lj.merge(lp)["w"], rtol=1e-5, atol=1e-5)
   text = jax.jit(lj.lora(f)).lower(lp, x).as_text()
-  # b, held as (out, r) inside lora(), is constrained on its out axis like the kernel
-  assert '[{"model"}, {}]> : tensor<32x4xf32>' in text
+  # b (r, out) is constrained on its out axis like the kernel, a (in, r) not at all
+  assert '[{}, {"model"}]> : tensor<4x32xf32>' in text
+  assert '[{}, {}]> : tensor<16x4xf32>' in text

@@ -199,3 +199,27 @@ def test_static_args_and_outputs_pass_through():
   out = jax.jit(lj.lora(f), static_argnames=("scale", "mode"))(lp, jnp.ones((1, 8)), scale=2.0)
   _close(out["y"], jnp.ones((1, 8)) @ lj.merge(lp)["w"] * 2.0)
   assert bool(out["mode_is_a"])
+
+
+def _reshaped_kernels(p, x):
+  q = jnp.einsum("bd,dhk->bhk", x, p["w"].reshape(8, 3, 4))          # split the out axis
+  o = q.reshape(q.shape[0], 12) @ p["w2"].reshape(12, 8)             # merge two in axes
+  o2 = jnp.stack([o, 2 * o])
+  y = jnp.einsum("lbd,lde->lbe", o2, p["s"])                           # stacked: batch axis
+  z = jnp.einsum("lbd,led->lbe", o2, jnp.transpose(p["s"], (0, 2, 1))) # transposed stack
+  return y + z, q
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_reshaped_and_transposed_kernels_stay_factored(jit):
+  params = {"w": jax.random.normal(jax.random.key(0), (8, 12)),
+            "w2": jax.random.normal(jax.random.key(1), (3, 4, 8)),
+            "s": jax.random.normal(jax.random.key(2), (2, 8, 8))}
+  x = jax.random.normal(jax.random.key(3), (5, 8))
+  lp = randomize_b(lj.lora_init(jax.random.key(4), params, lj.LoraConfig(rank=2, targets=".*"),
+                                trace=lambda p: _reshaped_kernels(p, x)))
+  assert (lp["w"].roles, lp["w2"].roles, lp["s"].roles) == ("io", "iio", "sio")
+  _close(_maybe_jit(lj.lora(_reshaped_kernels), jit)(lp, x), _reshaped_kernels(hand_merge(lp), x))
+  g = jax.grad(lambda p: jnp.sum(lj.lora(_reshaped_kernels)(p, x)[0]))(lp)
+  ref = jax.grad(lambda ab: jnp.sum(_reshaped_kernels(hand_merge(_with_ab(lp, ab)), x)[0]))(_ab(lp))
+  _close(_ab(g), ref, tol=2e-4)

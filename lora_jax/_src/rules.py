@@ -38,7 +38,7 @@ def _constrain(ctx, eqn, invals):
   """A sharding constraint on a kernel constrains its factors alike.
 
   ``a`` takes the spec of the kernel's axes it holds, ``b`` likewise; the
-  rank axis (last in both) is replicated.
+  rank axis is replicated.
   """
   v = invals[0]
   w = bind(eqn, [v.w])[0]
@@ -48,8 +48,8 @@ def _constrain(ctx, eqn, invals):
   spec = tuple(s.spec) + (None,) * (v.ndim - len(s.spec))
 
   def sub(dims):
-    return jax.sharding.NamedSharding(
-        s.mesh, jax.sharding.PartitionSpec(*[spec[d] for d in dims], None))
+    return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(
+        *[None if d is None else spec[d] for d in dims]))
   return [v.replace(w=w, a=lax.with_sharding_constraint(v.a, sub(v.a_dims)),
                     b=lax.with_sharding_constraint(v.b, sub(v.b_dims)))]
 
@@ -58,34 +58,35 @@ def _transpose(ctx, eqn, invals):
   v = invals[0]
   perm = eqn.params["permutation"]
   inv = {old: new for new, old in enumerate(perm)}
+  inv[None] = None
   return [v.replace(w=bind(eqn, [v.w])[0],
                     a_dims=[inv[d] for d in v.a_dims],
                     b_dims=[inv[d] for d in v.b_dims])]
 
 
 def _reshape_factor(x, dims, groups, old_shape, new_shape, extra_new):
-  """Reshape one factor; None if its axes do not allow it."""
-  owner = {}
-  for g, (oi, _) in enumerate(groups):
-    for k in oi:
-      owner[k] = g
-  new_dims, new_sizes, seen = [], [], set()
-  mine = [d for d in dims if old_shape[d] != 1]
-  pos = 0
-  for d in mine:
-    g = owner[d]
-    oi, nj = groups[g]
-    if g in seen:
+  """Reshape one factor; None if its axes do not allow it.
+
+  Each group of V axes this factor holds must sit contiguously, in order, in
+  the factor (size-1 axes aside), so that a row-major reshape regroups it.
+  """
+  owner = {k: g for g in groups for k in g[0]}
+  kept = [(d, n) for d, n in zip(dims, x.shape) if d is None or old_shape[d] != 1]
+  new_dims, new_sizes, p = [], [], 0
+  while p < len(kept):
+    d, n = kept[p]
+    if d is None:
+      new_dims.append(None)
+      new_sizes.append(n)
+      p += 1
       continue
-    if mine[pos:pos + len(oi)] != oi:
-      return None  # the group's axes are not contiguous, in order, in this factor
-    pos += len(oi)
-    seen.add(g)
+    oi, nj = owner[d]
+    if [k for k, _ in kept[p:p + len(oi)]] != oi:
+      return None
     new_dims += nj
     new_sizes += [new_shape[k] for k in nj]
-  new_dims += extra_new
-  new_sizes += [1] * len(extra_new)
-  return x.reshape(new_sizes + [x.shape[-1]]), new_dims
+    p += len(oi)
+  return x.reshape(new_sizes + [1] * len(extra_new)), new_dims + extra_new
 
 
 def _reshape(ctx, eqn, invals):
@@ -100,15 +101,20 @@ def _reshape(ctx, eqn, invals):
     kinds = {(k in a_set, k in b_set) for k in oi}
     if len(kinds) != 1:
       return fallback(ctx, eqn, invals)  # a group mixes in/out/stack axes
-  in_groups_a = [g for g in groups if g[0][0] in a_set]
-  in_groups_b = [g for g in groups if g[0][0] in b_set]
   ones = [k for k, d in enumerate(new) if d == 1]
-  ra = _reshape_factor(v.a, v.a_dims, in_groups_a, old, new, ones)
-  rb = _reshape_factor(v.b, v.b_dims, in_groups_b, old, new, [])
+  ra = _reshape_factor(v.a, v.a_dims, [g for g in groups if g[0][0] in a_set],
+                       old, new, ones)
+  rb = _reshape_factor(v.b, v.b_dims, [g for g in groups if g[0][0] in b_set],
+                       old, new, [])
   if ra is None or rb is None:
     return fallback(ctx, eqn, invals)
   w = v.w.reshape(new)
   return [v.replace(w=w, a=ra[0], a_dims=ra[1], b=rb[0], b_dims=rb[1])]
+
+
+def _per_axis(dims, x, of_v, rank_value):
+  """For each axis of factor ``x``: ``of_v(d)`` for V's axis d, else the rank's."""
+  return [rank_value(n) if d is None else of_v(d) for d, n in zip(dims, x.shape)]
 
 
 def _slice(ctx, eqn, invals):
@@ -117,11 +123,9 @@ def _slice(ctx, eqn, invals):
   strides = p["strides"] or (1,) * v.ndim
 
   def cut(x, dims):
-    start = [p["start_indices"][d] if d is not None else 0 for d in dims + (None,)]
-    limit = [p["limit_indices"][d] if d is not None else x.shape[-1]
-             for d in dims + (None,)]
-    step = [strides[d] if d is not None else 1 for d in dims + (None,)]
-    return lax.slice(x, start, limit, step)
+    return lax.slice(x, _per_axis(dims, x, lambda d: p["start_indices"][d], lambda n: 0),
+                     _per_axis(dims, x, lambda d: p["limit_indices"][d], lambda n: n),
+                     _per_axis(dims, x, lambda d: strides[d], lambda n: 1))
   return [v.replace(w=bind(eqn, [v.w])[0], a=cut(v.a, v.a_dims), b=cut(v.b, v.b_dims))]
 
 
@@ -132,9 +136,8 @@ def _dynamic_slice(ctx, eqn, invals):
   sizes = eqn.params["slice_sizes"]
 
   def cut(x, dims):
-    st = [starts[d] if d is not None else 0 for d in dims + (None,)]
-    sz = [sizes[d] if d is not None else x.shape[-1] for d in dims + (None,)]
-    return lax.dynamic_slice(x, st, sz)
+    return lax.dynamic_slice(x, _per_axis(dims, x, lambda d: starts[d], lambda n: 0),
+                             _per_axis(dims, x, lambda d: sizes[d], lambda n: n))
   return [v.replace(w=bind(eqn, [v.w] + list(starts))[0],
                     a=cut(v.a, v.a_dims), b=cut(v.b, v.b_dims))]
 
@@ -144,7 +147,7 @@ def _rev(ctx, eqn, invals):
   axes = set(eqn.params["dimensions"])
 
   def flip(x, dims):
-    return lax.rev(x, [k for k, d in enumerate(dims) if d in axes])
+    return lax.rev(x, [k for k, d in enumerate(dims) if d is not None and d in axes])
   return [v.replace(w=bind(eqn, [v.w])[0], a=flip(v.a, v.a_dims), b=flip(v.b, v.b_dims))]
 
 
@@ -170,8 +173,8 @@ def _dot_general(ctx, eqn, invals):
   v_free = [vs[d] for d in range(v.ndim) if d not in v_contract and d not in v_batch]
   out = batch + (x_free + v_free if side == 1 else v_free + x_free)
 
-  a_sub = [vs[d] for d in v.a_dims] + ["r"]
-  b_sub = [vs[d] for d in v.b_dims] + ["r"]
+  a_sub = ["r" if d is None else vs[d] for d in v.a_dims]
+  b_sub = ["r" if d is None else vs[d] for d in v.b_dims]
   contract = {vs[d] for d in v_contract}
   in_a = contract & (set(a_sub) - set(b_sub))
   in_b = contract & (set(b_sub) - set(a_sub))
@@ -198,17 +201,17 @@ def _dot_general(ctx, eqn, invals):
 
 def _a_as_kernel(v: _Lazy, out_axis: int):
   """``a`` laid out like V with the rank in ``out_axis``'s place, or None."""
-  if tuple(v.b_dims) != (out_axis,) or sorted(v.a_dims) != [
-      d for d in range(v.ndim) if d != out_axis]:
+  b_axes = [d for d in v.b_dims if d is not None]
+  a_axes = sorted(d for d in v.a_dims if d is not None)
+  if b_axes != [out_axis] or a_axes != [d for d in range(v.ndim) if d != out_axis]:
     return None
-  r_pos = len(v.a_dims)
-  perm = [r_pos if d == out_axis else v.a_dims.index(d) for d in range(v.ndim)]
+  perm = [v.a_dims.index(None if d == out_axis else d) for d in range(v.ndim)]
   return jnp.transpose(v.a, perm)
 
 
-def _rank_to(z, axis, b):
-  """Contract ``z``'s rank axis (at ``axis``) with ``b`` (out, r), in place."""
-  y = jnp.tensordot(z, b, axes=([axis], [1]))
+def _rank_to(z, axis, v: _Lazy):
+  """Contract ``z``'s rank axis (at ``axis``) with ``b`` (r, out), in place."""
+  y = jnp.tensordot(z, v.b, axes=([axis], [v.b_dims.index(None)]))
   return jnp.moveaxis(y, -1, axis)
 
 
@@ -224,28 +227,29 @@ def _conv(ctx, eqn, invals):
   y = bind(eqn, [x, lax.stop_gradient(v.w)])[0]
   z = bind(eqn, [ctx.dropout(x, v.dropout), a_kernel])[0]
   z = z * jnp.asarray(v.scale, z.dtype)
-  return [y + _rank_to(z, dn.out_spec[1], v.b).astype(y.dtype)]
+  return [y + _rank_to(z, dn.out_spec[1], v).astype(y.dtype)]
 
 
 def _gather(ctx, eqn, invals):
   v, idx = invals
   p = eqn.params
   dn = p["dimension_numbers"]
-  if is_lazy(idx) or dn.operand_batching_dims or len(v.b_dims) != 1:
+  b_axes = [d for d in v.b_dims if d is not None]
+  if is_lazy(idx) or dn.operand_batching_dims or len(b_axes) != 1:
     return fallback(ctx, eqn, invals)
-  out_axis = v.b_dims[0]
+  out_axis = b_axes[0]
   sizes = list(p["slice_sizes"])
   a_kernel = _a_as_kernel(v, out_axis)
   if (a_kernel is None or out_axis in dn.start_index_map
       or out_axis in dn.collapsed_slice_dims or sizes[out_axis] != v.shape[out_axis]):
     return fallback(ctx, eqn, invals)
   y = bind(eqn, [lax.stop_gradient(v.w), idx])[0]
-  sizes[out_axis] = v.a.shape[-1]
+  sizes[out_axis] = v.a.shape[v.a_dims.index(None)]
   params = dict(p, slice_sizes=tuple(sizes))
   z = eqn.primitive.bind(a_kernel, idx, **params)
   kept = [d for d in range(v.ndim) if d not in dn.collapsed_slice_dims]
   z = z * jnp.asarray(v.scale, z.dtype)
-  return [y + _rank_to(z, dn.offset_dims[kept.index(out_axis)], v.b).astype(y.dtype)]
+  return [y + _rank_to(z, dn.offset_dims[kept.index(out_axis)], v).astype(y.dtype)]
 
 
 # ---------------------------------------------------- higher-order primitives
@@ -294,19 +298,25 @@ def _while(ctx, eqn, invals):
 
 
 def _scan_slices(v: _Lazy):
-  """Split a lazy xs operand into (scanned parts, rebuild-one-slice)."""
-  a_in, b_in = 0 in v.a_dims, 0 in v.b_dims
-  a = jnp.moveaxis(v.a, v.a_dims.index(0), 0) if a_in else v.a
-  b = jnp.moveaxis(v.b, v.b_dims.index(0), 0) if b_in else v.b
+  """Split a lazy xs operand into (scanned parts, rebuild-one-slice).
 
-  a_dims = [d - 1 for d in v.a_dims if d != 0]
-  b_dims = [d - 1 for d in v.b_dims if d != 0]
-  parts = (v.w, a if a_in else None, b if b_in else None)
+  A factor holding V's axis 0 is scanned along it (moved to the front if it
+  is not there already); a factor without it is the same at every step.
+  """
+  def lead(x, dims):
+    if 0 not in dims:
+      return None, x, [None if d is None else d - 1 for d in dims]
+    k = dims.index(0)
+    rest = [d for d in dims if d != 0]
+    return jnp.moveaxis(x, k, 0), None, [None if d is None else d - 1 for d in rest]
+
+  a_xs, a_const, a_dims = lead(v.a, v.a_dims)
+  b_xs, b_const, b_dims = lead(v.b, v.b_dims)
 
   def rebuild(w, a_i, b_i):
-    return v.replace(w=w, a=a_i if a_in else a, b=b_i if b_in else b,
-                     a_dims=a_dims, b_dims=b_dims)
-  return parts, rebuild
+    return v.replace(w=w, a=a_const if a_i is None else a_i,
+                     b=b_const if b_i is None else b_i, a_dims=a_dims, b_dims=b_dims)
+  return (v.w, a_xs, b_xs), rebuild
 
 
 def _scan(ctx, eqn, invals):

@@ -31,11 +31,13 @@ class LoraFallbackWarning(UserWarning):
 
 @jax.tree_util.register_pytree_node_class
 class _Lazy:
-  """``V = w + scale · einsum(a[a_dims + (r,)], b[b_dims + (r,)])``.
+  """``V = w + scale · einsum(a[a_dims], b[b_dims])`` summed over the rank.
 
-  ``a_dims``/``b_dims`` name, for each non-rank axis of ``a``/``b``, the axis
-  of ``V`` it stands for; the rank axis is last in both. Every axis of ``V``
-  is in ``a_dims`` or ``b_dims`` or both (a stacked axis is in both).
+  ``a_dims``/``b_dims`` name, for each axis of ``a``/``b``, the axis of ``V``
+  it stands for, or ``None`` for the rank axis. The factors keep the layout
+  they are stored in (``a``: stack + in + (r,), ``b``: stack + (r,) + out),
+  so no copy of them is made. Every axis of ``V`` is in ``a_dims`` or
+  ``b_dims`` or both (a stacked axis is in both).
   """
 
   __slots__ = ("w", "a", "b", "a_dims", "b_dims", "scale", "dropout", "path")
@@ -71,18 +73,23 @@ class _Lazy:
     s = [d for d, r in enumerate(lw.roles) if r == "s"]
     i = [d for d, r in enumerate(lw.roles) if r == "i"]
     o = [d for d, r in enumerate(lw.roles) if r == "o"]
-    b = jnp.moveaxis(lw.b, len(s), -1)  # (stack, r, out) -> (stack, out, r)
-    return cls(lw.w, lw.a, b, s + i, s + o, lw.scale, lw.dropout, path)
+    return cls(lw.w, lw.a, lw.b, s + i + [None], s + [None] + o, lw.scale,
+               lw.dropout, path)
 
   def materialize(self):
     """``stop_gradient(w) + ΔW`` in w's dtype (ΔW accumulated in float32)."""
     letters = "abcdefghijklmnopqstuvwxyz"[:self.ndim]
-    sa = "".join(letters[d] for d in self.a_dims) + "r"
-    sb = "".join(letters[d] for d in self.b_dims) + "r"
+    sa = subscripts(self.a_dims, letters)
+    sb = subscripts(self.b_dims, letters)
     d = jnp.einsum(f"{sa},{sb}->{letters}", self.a, self.b,
                    preferred_element_type=jnp.float32)
     w = jax.lax.stop_gradient(self.w)
     return (w.astype(jnp.float32) + self.scale * d).astype(w.dtype)
+
+
+def subscripts(dims, letters) -> str:
+  """Einsum subscripts of a factor: V's letter per axis, ``r`` for the rank."""
+  return "".join("r" if d is None else letters[d] for d in dims)
 
 
 class _Context:
