@@ -29,7 +29,6 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from sklearn.metrics import roc_auc_score

@@ -135,7 +135,7 @@ def main(argv=None) -> dict:
   rows = [(e, f"{a:.6g}", f"{b:.6g}") for (e, a), (_, b) in zip(pre_log, lora_log)]
   print(table(("epoch", "pretrain (θ)", f"LoRA r={args.rank} (θ+1)"), rows))
   print(f"\npretrained model on the shifted data: MSE {shifted_before:.6g}")
-  print(f"ΔW = lj.delta(lparams['kernel'])[:5, :5]:")
+  print("ΔW = lj.delta(lparams['kernel'])[:5, :5]:")
   print(np.array2string(delta[:5, :5], precision=4, floatmode="fixed"))
   err = np.abs(delta - 1)
   print(f"|ΔW - 1|: mean {err.mean():.2e}, max {err.max():.2e}")

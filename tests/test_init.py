@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
-from layer_cases import case, is_lw
+from layer_cases import is_lw
 
 PARAMS = {"params": {
     "dense": {"kernel": jnp.ones((64, 32)), "bias": jnp.zeros(32)},

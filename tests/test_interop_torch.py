@@ -11,12 +11,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import torch
 
 import lora_jax as lj
 from lora_jax import interop
 from lora_jax.interop import ConversionError
-
-torch = pytest.importorskip("torch")
 
 
 def _abstract(tree):

@@ -6,40 +6,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import peft
 import pytest
+import torch
+import transformers
 
 import lora_jax as lj
+from hf_tiny import HF_KW, IDS, hf_logits, hf_model
 from lora_jax.interop import ConversionError
 from lora_jax.interop import peft as lj_peft
 from lora_jax.models import (Llama, LlamaConfig, llama_name_map, load_hf_llama,
                              to_hf_state_dict)
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-HF_KW = dict(vocab_size=64, hidden_size=32, intermediate_size=48,
-             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             rms_norm_eps=1e-5, rope_theta=500.0, max_position_embeddings=64)
-IDS = np.array([[3, 17, 5, 60, 2, 9, 41, 0], [1, 1, 8, 33, 12, 63, 7, 22]])
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 NAME_MAP = llama_name_map()
-
-
-def hf_base(seed=0):
-  """A random LlamaForCausalLM (weights large enough to matter)."""
-  torch.manual_seed(seed)
-  model = transformers.LlamaForCausalLM._from_config(
-      transformers.LlamaConfig(**HF_KW), attn_implementation="eager").eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      p.copy_(1 + 0.2 * torch.randn_like(p)) if name.endswith("norm.weight") else p.normal_(0, 0.15)
-  return model
-
-
-def torch_logits(model, ids=IDS):
-  with torch.no_grad():
-    return model(torch.as_tensor(ids)).logits.numpy()
 
 
 def lora_logits(cfg, lparams, ids=IDS):
@@ -48,7 +28,7 @@ def lora_logits(cfg, lparams, ids=IDS):
 
 def peft_adapter(directory, **config):
   """Save a PEFT adapter with random non-zero B; returns (base state dict, logits)."""
-  model = hf_base()
+  model = hf_model()
   base_sd = {k: v.clone() for k, v in model.state_dict().items()}
   pm = peft.get_peft_model(model, peft.LoraConfig(**config))
   with torch.no_grad():
@@ -56,7 +36,7 @@ def peft_adapter(directory, **config):
       if "lora_B" in name:
         torch.nn.init.normal_(p, 0.0, 0.3)
   pm.save_pretrained(directory)
-  return base_sd, torch_logits(pm.eval())  # eval: new dropout modules start in train mode
+  return base_sd, hf_logits(pm.eval())  # eval: new dropout modules start in train mode
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +112,7 @@ def _train(cfg, lp, steps=3):
 
 @pytest.mark.parametrize("scan", [False, True], ids=["layers_i", "scanned"])
 def test_lora_jax_adapter_loads_in_peft(tmp_path, scan):
-  model = hf_base()
+  model = hf_model()
   base_sd = {k: v.clone() for k, v in model.state_dict().items()}
   cfg, params = _base_params(base_sd, scan)
   config = lj.LoraConfig(
@@ -160,7 +140,7 @@ def test_lora_jax_adapter_loads_in_peft(tmp_path, scan):
   pm = peft.PeftModel.from_pretrained(model, tmp_path).eval()
   want = lora_logits(cfg, lp)
   assert np.abs(want - lora_logits(cfg, params)).max() > 0.05  # training changed something
-  np.testing.assert_allclose(torch_logits(pm), want, atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(hf_logits(pm), want, atol=1e-4, rtol=1e-4)
 
   merged = {k: v.numpy() for k, v in pm.merge_and_unload().state_dict().items()}
   ours = to_hf_state_dict(lj.merge(lp), cfg)
@@ -191,8 +171,8 @@ def test_rslora_round_trip(tmp_path):
   written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
   assert (written["use_rslora"], written["lora_alpha"], written["lora_dropout"]) == (True, 6, 0.1)
   assert written["target_modules"] == ["down_proj", "q_proj"]
-  pm = peft.PeftModel.from_pretrained(hf_base(), tmp_path / "ours").eval()
-  np.testing.assert_allclose(torch_logits(pm), want, atol=1e-4, rtol=1e-4)
+  pm = peft.PeftModel.from_pretrained(hf_model(), tmp_path / "ours").eval()
+  np.testing.assert_allclose(hf_logits(pm), want, atol=1e-4, rtol=1e-4)
 
 
 def test_pattern_rules_match_peft():
@@ -267,7 +247,7 @@ def test_unsupported_features_are_refused(made_by_peft, change, message):
 
 def test_real_dora_adapter_is_refused(tmp_path):
   peft_adapter(tmp_path, r=2, target_modules=["q_proj"], use_dora=True)
-  _, params = _base_params(hf_base().state_dict(), False)
+  _, params = _base_params(hf_model().state_dict(), False)
   with pytest.raises(ValueError, match="use_dora=True: DoRA"):
     lj_peft.load_peft_adapter(tmp_path, params, NAME_MAP)
 

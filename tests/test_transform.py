@@ -150,7 +150,7 @@ def test_dropout_on_lora_branch_only():
   y2 = f(lp, x, lora_rng=jax.random.key(2))
   assert not np.allclose(y1, no_key) and not np.allclose(y1, y2)
   # the base path is untouched: y - x@W lies in the span of the dropped-out LoRA branch
-  a, b, s = lp["w"].a, lp["w"].b, lp["w"].scale
+  b, s = lp["w"].b, lp["w"].scale
   mask_input = (y1 - x @ W)  # = s * (drop(x) @ a) @ b
   coeff, *_ = np.linalg.lstsq(np.asarray(s * b.T), np.asarray(mask_input.T), rcond=None)
   np.testing.assert_allclose(np.asarray(s * b.T) @ coeff, np.asarray(mask_input.T), atol=1e-4)

@@ -15,7 +15,7 @@ Under ``jax.jit`` all of this runs once, at trace time.
 """
 
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
