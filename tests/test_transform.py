@@ -223,3 +223,11 @@ def test_reshaped_and_transposed_kernels_stay_factored(jit):
   g = jax.grad(lambda p: jnp.sum(lj.lora(_reshaped_kernels)(p, x)[0]))(lp)
   ref = jax.grad(lambda ab: jnp.sum(_reshaped_kernels(hand_merge(_with_ab(lp, ab)), x)[0]))(_ab(lp))
   _close(_ab(g), ref, tol=2e-4)
+
+
+def test_flax_model_applied_to_lora_params_without_lora_says_so():
+  fn, params, args, config, _ = case("dense")
+  lp = lj.lora_init(jax.random.key(2), params, config)
+  for apply in (fn, jax.jit(fn)):
+    with pytest.raises(TypeError, match=r"LoraWeight reached a function that was not wrapped"):
+      apply(lp, *args)
