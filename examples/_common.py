@@ -9,12 +9,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, out: str = "out",
+           out_help: str = "directory for the PNG figures") -> argparse.ArgumentParser:
   """An ArgumentParser with the flags every example takes."""
   p = argparse.ArgumentParser(
       description=description,
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--out", default="out", help="directory for the PNG figures")
+  p.add_argument("--out", default=out, help=out_help)
   p.add_argument("--seed", type=int, default=0, help="PRNG seed")
   p.add_argument("--fast", action="store_true",
                  help="tiny sizes and few steps (seconds; used by the tests)")

@@ -49,7 +49,7 @@ import lora_jax as lj
 from lora_jax.models import (Llama, LlamaConfig, generate, init_params, llama_name_map,
                              load_hf_llama, save_hf_llama)
 
-from _common import Timer, figure_path, parser, progress, pyplot, table
+from _common import Timer, figure_path, parser, progress, pyplot, save_figure, table
 
 TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "alice_ch1.txt")
 TARGETS = r".*(q|k|v|o|gate|up|down)_proj/kernel"
@@ -259,9 +259,7 @@ def plot(pre_losses, lora_losses, resumed, path):
   ax.set_title("LoRA (A, B only), second half")
   ax.set_xlabel("step")
   ax.set_ylabel("train loss (nats / token)")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  save_figure(fig, path)
 
 
 def export_peft(lparams, config, directory, base_dir):
@@ -302,7 +300,9 @@ def mean(xs) -> float:
 # --- main --------------------------------------------------------------------------
 
 def make_parser():
-  p = parser(__doc__.split("\n")[0])
+  p = parser(__doc__.split("\n")[0], out=os.path.join("out", "llama_lora"),
+             out_help="run directory: base/, checkpoints/ (a re-run resumes from them), "
+                      "peft_adapter/, PNG")
   p.description = (
       "LoRA fine-tuning of the Flax Llama in lora_jax.models on a public-domain text, "
       "with resumable Orbax checkpoints. Byte-level tokens (ids 0-255) unless --hf-dir "
@@ -310,9 +310,6 @@ def make_parser():
       "(transformers.AutoTokenizer) is used. --out holds: base/ (the tiny pretrained "
       "base, Hugging Face format), checkpoints/ (Orbax CheckpointManager steps), "
       "peft_adapter/, llama_lora_loss.png.")
-  p.set_defaults(out=os.path.join("out", "llama_lora"))
-  p._option_string_actions["--out"].help = (  # pylint: disable=protected-access
-      "run directory: base/, checkpoints/ (a re-run resumes from them), peft_adapter/, PNG")
   p.add_argument("--steps", type=int, default=None,
                  help="total LoRA steps (300; 40 with --fast); a re-run with the same --out "
                       "resumes from its latest checkpoint and trains up to this step")
