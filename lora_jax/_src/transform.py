@@ -15,6 +15,7 @@ Under ``jax.jit`` all of this runs once, at trace time.
 """
 
 import functools
+import warnings
 from typing import Callable
 
 import jax
@@ -121,7 +122,6 @@ def is_lazy(x) -> bool:
 
 def fallback(ctx: _Context, eqn, invals):
   """Materialize every lazy operand of ``eqn`` and bind it as it is."""
-  import warnings
   paths = sorted({x.path for x in invals if is_lazy(x)})
   name = eqn.primitive.name
   msg = (f"lora: `{name}` has no factored rule; W + ΔW is materialized for "
@@ -180,21 +180,21 @@ def _split_args(args, kwargs):
   """Flatten (args, kwargs): dynamic array leaves, static leaves elsewhere."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(
       (args, kwargs), is_leaf=is_node)
-  dynamic, abstract, where = [], [], []
-  statics = []
-  for path, leaf in leaves:
+  statics, where, dynamic, abstract = [], [], [], []
+  for k, (path, leaf) in enumerate(leaves):
     if isinstance(leaf, Trainable):
       leaf = leaf.value
     if isinstance(leaf, LoraWeight):
       dynamic.append(_Lazy.from_weight(leaf, tree.path_str(path)))
       abstract.append(jax.ShapeDtypeStruct(leaf.w.shape, leaf.w.dtype))
-      where.append(len(statics)); statics.append(None)
     elif tree.is_array(leaf) or isinstance(leaf, jax.core.Tracer):
       dynamic.append(leaf)
       abstract.append(leaf)
-      where.append(len(statics)); statics.append(None)
     else:
       statics.append(leaf)
+      continue
+    statics.append(None)  # filled by the dynamic value at call time
+    where.append(k)
   return treedef, statics, where, dynamic, abstract
 
 
