@@ -231,3 +231,14 @@ def test_flax_model_applied_to_lora_params_without_lora_says_so():
   for apply in (fn, jax.jit(fn)):
     with pytest.raises(TypeError, match=r"LoraWeight reached a function that was not wrapped"):
       apply(lp, *args)
+
+
+def test_vmap_over_a_stack_of_adapters_on_one_base():
+  """Several adapters on one frozen base, served in one batched call."""
+  lps = [randomize_b(lj.lora_init(jax.random.key(i), {"w": W},
+                                  lj.LoraConfig(rank=2, targets="w")), seed=i) for i in range(3)]
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *lps)
+  f = lambda p, x: x @ p["w"]
+  x = jnp.ones((2, 8))
+  y = jax.jit(jax.vmap(lj.lora(f), in_axes=(0, None)))(stacked, x)
+  _close(y, jnp.stack([x @ lj.merge(lp)["w"] for lp in lps]))
