@@ -145,8 +145,10 @@ class LoraConfig:
         raise ValueError(
             f"LoraConfig.layouts[{pattern!r}] must be a string of 's', 'i', 'o' "
             f"with at least one 'i' and one 'o' (e.g. 'io', 'sio'); got {roles!r}")
-    for name in ("targets", "exclude", "trainable"):
-      matcher(getattr(self, name), name)  # validate early
+    # validated once, and kept: selects / trains run for every leaf
+    object.__setattr__(self, "_match", {
+        name: matcher(getattr(self, name), name)
+        for name in ("targets", "exclude", "trainable")})
 
   def rank_for(self, path: str) -> int:
     value = _pattern_lookup(self.rank_pattern, path)
@@ -166,11 +168,10 @@ class LoraConfig:
     return _pattern_lookup(self.layouts, path)
 
   def selects(self, path: str, leaf: Any) -> bool:
-    return matcher(self.targets, "targets")(path, leaf) and not matcher(
-        self.exclude, "exclude")(path, leaf)
+    return self._match["targets"](path, leaf) and not self._match["exclude"](path, leaf)
 
   def trains(self, path: str, leaf: Any) -> bool:
-    return matcher(self.trainable, "trainable")(path, leaf)
+    return self._match["trainable"](path, leaf)
 
   def to_dict(self) -> dict:
     """A JSON-friendly description (callables are recorded by their repr)."""

@@ -41,7 +41,7 @@ def _roles(path: str, leaf, config: LoraConfig, inferred: dict) -> str:
   return roles
 
 
-def _check_leaf(path: str, leaf, config: LoraConfig) -> None:
+def _check_leaf(path: str, leaf) -> None:
   if isinstance(leaf, (LoraWeight, Trainable)):
     raise ValueError(f"lora_init: {path} already holds a {type(leaf).__name__}; "
                      "call lora_init on plain params (see lora_jax.merge / base)")
@@ -99,7 +99,7 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
     raise ValueError("lora_init: these leaves are selected both as LoRA targets "
                      f"and as trainable: {[paths[k] for k in both]}")
   for k in targets:
-    _check_leaf(*leaves[k], config)
+    _check_leaf(*leaves[k])
   inferred = {}
   if trace is not None:
     inferred = layout.infer_roles(trace, params, [paths[k] for k in targets])

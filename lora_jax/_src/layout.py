@@ -206,9 +206,10 @@ def infer_roles(trace: Callable[[Any], Any], params, paths: list[str]) -> dict[s
     else:
       in_maps.append(None)
   walker.walk(closed.jaxpr, in_maps)
+  ndims = {s: len(x.shape) for s, (_, x) in zip(strs, leaves)}
   out = {}
   for path, n in wanted.items():
-    ndim = len(dict(zip(strs, (x for _, x in leaves)))[path].shape)
+    ndim = ndims[path]
     found = walker.roles[n]
     if len(found) == ndim:
       out[path] = "".join(found[d] for d in range(ndim))
