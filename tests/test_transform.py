@@ -242,3 +242,18 @@ def test_vmap_over_a_stack_of_adapters_on_one_base():
   x = jnp.ones((2, 8))
   y = jax.jit(jax.vmap(lj.lora(f), in_axes=(0, None)))(stacked, x)
   _close(y, jnp.stack([x @ lj.merge(lp)["w"] for lp in lps]))
+
+
+def test_custom_vjp_consumer_gets_materialized_kernel_with_a_warning():
+  @jax.custom_vjp
+  def matmul(x, w):
+    return x @ w
+  matmul.defvjp(lambda x, w: (x @ w, (x, w)), lambda res, g: (g @ res[1].T, res[0].T @ g))
+  lp = _lp()
+  f = lambda p, x: matmul(x, p["w"])
+  x = jnp.ones((2, 8))
+  with pytest.warns(lj.LoraFallbackWarning, match=r"`custom_vjp_call"):
+    y = lj.lora(f)(lp, x)
+  _close(y, x @ lj.merge(lp)["w"])
+  with pytest.raises(NotImplementedError, match="strict=True"):
+    lj.lora(f, strict=True)(lp, x)

@@ -262,11 +262,6 @@ def _inline(key):
   return rule
 
 
-def _materialize_inputs(ctx, eqn, invals):
-  """Custom-VJP functions get W + ΔW: their rules know nothing of LoRA."""
-  return bind(eqn, concrete(invals))
-
-
 def _remat(ctx, eqn, invals):
   p = eqn.params
 
@@ -362,7 +357,9 @@ RULES = {
     "jit": _inline("jaxpr"), "pjit": _inline("jaxpr"),
     "closed_call": _inline("call_jaxpr"), "core_call": _inline("call_jaxpr"),
     "custom_jvp_call": _inline("call_jaxpr"),
-    "custom_vjp_call": _materialize_inputs, "custom_vjp_call_jaxpr": _materialize_inputs,
+    # custom-VJP functions get W + ΔW (their rules know nothing of LoRA): the
+    # generic fallback, so it is warned about, or refused with strict=True
+    "custom_vjp_call": fallback, "custom_vjp_call_jaxpr": fallback,
     "remat2": _remat, "checkpoint": _remat,
     "cond": _cond, "while": _while, "scan": _scan,
 }
