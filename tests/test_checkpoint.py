@@ -87,7 +87,7 @@ def test_round_trip_bit_exact(tmp_path, trained):
   apply = lambda p, x: x @ p["params"]["enc"]["kernel"]
   np.testing.assert_array_equal(lj.lora(apply)(q, x), lj.lora(apply)(p, x))
   info = read_description(path)
-  assert info["format_version"] == 1 and info["lora_jax_version"] == lj.__version__
+  assert info["format_version"] == 2 and info["lora_jax_version"] == lj.__version__
   assert info["config"]["alpha"] == 6 and info["config"]["rank_pattern"] == {r".*/head/kernel": 1}
   e = info["entries"]["params/stack/kernel"]
   assert e["kernel"] == {"shape": [3, 6, 4], "dtype": "float32"}
@@ -324,5 +324,5 @@ def test_not_a_checkpoint_wrong_path_newer_version(tmp_path, trained):
   info = json.load(open(meta))
   info["format_version"], info["lora_jax_version"] = 99, "9.0"
   json.dump(info, open(meta, "w"))
-  with pytest.raises(ValueError, match=r"format version 99 \(by lora_jax 9.0\).*<= 1"):
+  with pytest.raises(ValueError, match=r"format version 99 \(by lora_jax 9.0\).*versions 1 to 2"):
     load_adapter(path, base)

@@ -1,26 +1,35 @@
-"""Replace a directory atomically: write a temporary sibling, then swap it in.
+"""Create or replace a directory atomically, with writers that cannot collide.
 
-``temp_sibling(final)`` names the directory to write (``<final>.lora_jax-tmp-<id>``);
-``swap_in(tmp, final)`` moves it into place, exchanging it with an existing
-``final`` in one step where Linux ``renameat2(RENAME_EXCHANGE)`` is available
-and with two renames elsewhere (the previous directory waits at
-``previous(final)`` in between). ``clean_stale(final)`` removes temporaries
-left by interrupted writes.
+A writer gets a private temporary directory beside the target
+(``writing(final)``: ``<final>.lora_jax-tmp-<random>``, made by
+``tempfile.mkdtemp`` and locked with ``flock`` while the writer lives), writes
+``<tmp>/new``, and then either
+
+* ``create(new, final)``: moves it to ``final`` only if ``final`` does not
+  exist, in one step (Linux ``renameat2(RENAME_NOREPLACE)``; elsewhere
+  ``rename``, which refuses a non-empty target), so of two writers exactly one
+  wins and the other gets ``FileExistsError``; or
+* ``swap_in(new, final)``: replaces ``final``, exchanging the two in one step
+  where ``renameat2(RENAME_EXCHANGE)`` is available and with two renames
+  elsewhere (the previous directory waits at ``previous(final)`` in between).
+
+``clean_stale(final)`` removes only temporaries whose writer is gone (their
+lock is free), never another live writer's.
 """
 
+import contextlib
 import ctypes
 import ctypes.util
+import errno
+import fcntl
 import os
 import shutil
-import uuid
+import tempfile
+from typing import Iterator
 
-_TMP = ".lora_jax-tmp-"  # sibling being written: <name>.lora_jax-tmp-<id>
+_TMP = ".lora_jax-tmp-"  # a writer's private directory: <name>.lora_jax-tmp-<random>
 _OLD = ".lora_jax-old"  # previous checkpoint during a non-atomic swap
-
-
-def temp_sibling(final: str) -> str:
-  """A fresh temporary path beside ``final`` (same filesystem, so renames are atomic)."""
-  return final + _TMP + uuid.uuid4().hex[:8]
+_AT_FDCWD, _NOREPLACE, _EXCHANGE = -100, 1, 2
 
 
 def previous(final: str) -> str:
@@ -28,34 +37,96 @@ def previous(final: str) -> str:
   return final + _OLD
 
 
+def _lock(path: str, block: bool) -> int | None:
+  """An fd holding ``flock(LOCK_EX)`` on directory ``path``; None if held elsewhere."""
+  fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+  except BlockingIOError:
+    os.close(fd)
+    return None
+  return fd
+
+
+@contextlib.contextmanager
+def writing(final: str) -> Iterator[str]:
+  """A private, locked temporary directory beside ``final``; yields ``<tmp>/new``.
+
+  The directory and whatever is left in it are removed on exit. A writer
+  killed midway leaves it behind, unlocked, for ``clean_stale``.
+  """
+  parent, name = os.path.split(final)
+  while True:
+    tmp = tempfile.mkdtemp(prefix=name + _TMP, dir=parent)
+    fd = _lock(tmp, block=True)
+    if os.path.isdir(tmp):  # else a cleaner took it between mkdtemp and the lock
+      break
+    os.close(fd)
+  try:
+    yield os.path.join(tmp, "new")
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.close(fd)
+
+
+def _rename2(src: str, dst: str, flags: int) -> int:
+  """Linux renameat2: 0 on success, else the errno (ENOSYS where unavailable)."""
+  try:
+    fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).renameat2
+  except (OSError, AttributeError):
+    return errno.ENOSYS
+  if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+    return 0
+  return ctypes.get_errno()
+
+
 def _exchange(a: str, b: str) -> bool:
   """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
-  try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    fn = libc.renameat2
-  except (OSError, AttributeError):
-    return False
-  at_fdcwd, rename_exchange = -100, 2
-  return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+  return _rename2(a, b, _EXCHANGE) == 0
+
+
+def create(new: str, final: str) -> None:
+  """Move directory ``new`` to ``final`` if nothing is there, else FileExistsError."""
+  err = _rename2(new, final, _NOREPLACE)
+  if err in (errno.ENOSYS, errno.EINVAL):  # no renameat2 here, or not on this filesystem
+    try:  # rename(2) refuses a non-empty target directory
+      os.rename(new, final)
+      err = 0
+    except OSError as e:
+      err = e.errno
+  if err in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+    raise FileExistsError(errno.EEXIST, "already exists", final)
+  if err:
+    raise OSError(err, os.strerror(err), final)
 
 
 def swap_in(new: str, final: str) -> None:
   """Move the finished directory ``new`` to ``final``, replacing any old one."""
-  if not os.path.exists(final):
-    os.rename(new, final)
-  elif _exchange(new, final):
+  try:
+    create(new, final)
+    return
+  except FileExistsError:
+    pass
+  if _exchange(new, final):
     shutil.rmtree(new)  # now holds the old checkpoint
   else:  # two renames; the old one waits at previous(final) in the gap
     old = previous(final)
     shutil.rmtree(old, ignore_errors=True)
     os.rename(final, old)
     os.rename(new, final)
-  shutil.rmtree(previous(final), ignore_errors=True)
 
 
 def clean_stale(final: str) -> None:
-  """Remove the temporaries of earlier, interrupted writes of ``final``."""
+  """Remove the temporaries of writers of ``final`` that are gone (killed midway)."""
   parent, name = os.path.split(final)
   for entry in os.listdir(parent or "."):
-    if entry.startswith(name + _TMP):
-      shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    path = os.path.join(parent, entry)
+    if not entry.startswith(name + _TMP) or not os.path.isdir(path):
+      continue
+    try:
+      fd = _lock(path, block=False)
+    except OSError:  # removed meanwhile
+      continue
+    if fd is not None:  # nobody holds it: its writer died
+      shutil.rmtree(path, ignore_errors=True)
+      os.close(fd)

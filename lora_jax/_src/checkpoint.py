@@ -16,13 +16,17 @@ This module is the I/O layer: the format itself (``pack`` / ``unpack``) is
 ``atomic_dir.py``.
 """
 
+import json
 import os
+import shutil
 
 import orbax.checkpoint as ocp
+from etils import epath
 
 from lora_jax._src import atomic_dir, merge, tree
-from lora_jax._src.checkpoint_format import (ARRAYS, INFO, check_description, fit_errors,
-                                             pack, restore_target, unpack)
+from lora_jax._src.checkpoint_check import check_arrays, check_description, seal
+from lora_jax._src.checkpoint_format import (ARRAYS, INFO, fit_errors, pack, restore_target,
+                                             unpack)
 from lora_jax._src.types import Params
 
 
@@ -49,6 +53,7 @@ def adapter_args(params: Params, config=None, step: int | None = None) -> ocp.ar
     2
   """
   arrays, description = pack(params, config, step)
+  description = seal(description)
   return ocp.args.Composite(**{ARRAYS: ocp.args.StandardSave(arrays),
                                INFO: ocp.args.JsonSave(description)})
 
@@ -99,15 +104,28 @@ def save_adapter(directory, params: Params, step: int | None = None, config=None
   final = os.fspath(directory)
   final = os.path.abspath(final if step is None else os.path.join(final, str(step)))
   if os.path.exists(final) and not overwrite:
-    raise FileExistsError(f"save_adapter: {final} already exists; pass "
-                          "overwrite=True to replace it (done atomically)")
+    raise _exists(final)
   os.makedirs(os.path.dirname(final), exist_ok=True)
   atomic_dir.clean_stale(final)
   args = adapter_args(params, config, step)
-  tmp = atomic_dir.temp_sibling(final)
-  ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(tmp, args=args)
-  atomic_dir.swap_in(tmp, final)
+  with atomic_dir.writing(final) as tmp:
+    ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(tmp, args=args)
+    if overwrite:
+      atomic_dir.swap_in(tmp, final)
+    else:
+      try:
+        atomic_dir.create(tmp, final)
+      except FileExistsError:
+        raise _exists(final, raced=True) from None
+  shutil.rmtree(atomic_dir.previous(final), ignore_errors=True)  # an interrupted swap's
   return final
+
+
+def _exists(final: str, raced: bool = False) -> FileExistsError:
+  when = " (another save created it while this one was writing)" if raced else ""
+  return FileExistsError(f"save_adapter: {final} already exists{when}; nothing was "
+                         "written. Pass overwrite=True to replace it (done atomically) "
+                         "or save to another path")
 
 
 def _steps(path: str) -> list[int]:
@@ -122,37 +140,96 @@ def _describe_dir(path: str) -> str:
   return f"found {names}" if names else "found an empty directory"
 
 
-def _resolve(directory, step: int | None):
-  """``(restore(args), where)`` for a checkpoint directory or a manager."""
+def _manager_step(mngr: ocp.CheckpointManager, step: int | None) -> str:
+  """The directory of ``step`` (latest if None) of a CheckpointManager."""
+  step = mngr.latest_step() if step is None else step
+  if step is None or step not in mngr.all_steps():
+    raise FileNotFoundError(f"load_adapter: no step {step} in the manager at "
+                            f"{mngr.directory}; steps: {list(mngr.all_steps())}")
+  find = getattr(mngr, "_get_read_step_directory", None)  # honours step_name_format
+  if find is not None:
+    return os.fspath(find(step, epath.Path(mngr.directory)))
+  return os.path.join(os.fspath(mngr.directory), str(step))
+
+
+def _resolve(directory, step: int | None) -> str:
+  """The checkpoint directory for a path, a directory of steps, or a manager."""
   if isinstance(directory, ocp.CheckpointManager):
-    step = directory.latest_step() if step is None else step
-    if step is None or step not in directory.all_steps():
-      raise FileNotFoundError(f"load_adapter: no step {step} in the manager at "
-                              f"{directory.directory}; steps: {list(directory.all_steps())}")
-    return (lambda args: directory.restore(step, args=args),
-            f"{directory.directory} (step {step})")
-  path = os.path.abspath(os.fspath(directory))
-  if not os.path.exists(path):
-    old = atomic_dir.previous(path)
-    hint = (f"; a save was interrupted while replacing it: the previous "
-            f"checkpoint is intact at {old}") if os.path.isdir(old) else ""
-    raise FileNotFoundError(f"load_adapter: no checkpoint at {path}{hint}")
-  if step is not None or not os.path.isdir(os.path.join(path, INFO)):
-    steps = _steps(path)
-    if step is None and steps:
-      step = steps[-1]
-    if step is not None:
-      if step not in steps:
-        raise FileNotFoundError(f"load_adapter: no step {step} under {path}; "
-                                f"steps found: {steps}")
-      path = os.path.join(path, str(step))
+    path = _manager_step(directory, step)
+  else:
+    path = os.path.abspath(os.fspath(directory))
+    if not os.path.exists(path):
+      old = atomic_dir.previous(path)
+      hint = (f"; a save was interrupted while replacing it: the previous "
+              f"checkpoint is intact at {old}") if os.path.isdir(old) else ""
+      raise FileNotFoundError(f"load_adapter: no checkpoint at {path}{hint}")
+    if not os.path.isdir(path):
+      raise ValueError(f"{path} is a file, not a lora_jax adapter checkpoint: expected "
+                       f"the directory save_adapter writes ('{INFO}/metadata' and "
+                       f"'{ARRAYS}/')")
+    if step is not None or not os.path.isdir(os.path.join(path, INFO)):
+      path = _step_dir(path, step)
   if not os.path.isfile(os.path.join(path, INFO, "metadata")):
     raise ValueError(
         f"{path} is not a lora_jax adapter checkpoint: expected "
         f"'{INFO}/metadata' and '{ARRAYS}/' (written by save_adapter) or step "
         f"subdirectories holding them; {_describe_dir(path)}")
-  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  return lambda args: checkpointer.restore(path, args=args), path
+  if not os.path.isdir(os.path.join(path, ARRAYS)):
+    raise ValueError(
+        f"{path}: the checkpoint has no '{ARRAYS}/' directory (its A, B and trained "
+        f"values); expected '{INFO}/' and '{ARRAYS}/' as save_adapter writes them, "
+        f"{_describe_dir(path)}. The checkpoint is incomplete: save the adapter again.")
+  return path
+
+
+def _step_dir(path: str, step: int | None) -> str:
+  """``path/<step>`` (the latest step if None), or ``path`` when it has no steps."""
+  steps = _steps(path)
+  if step is None and steps:
+    step = steps[-1]
+  if step is None:
+    return path
+  if step not in steps:
+    raise FileNotFoundError(f"load_adapter: no step {step} under {path}; "
+                            f"steps found: {steps}")
+  return os.path.join(path, str(step))
+
+
+def _read_description(path: str) -> dict:
+  """The checked JSON description of the checkpoint directory ``path``."""
+  file = os.path.join(path, INFO, "metadata")
+  with open(file, "rb") as f:
+    raw = f.read()
+  try:
+    info = json.loads(raw)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise ValueError(
+        f"{file}: the adapter description is not valid JSON ({e}); expected the "
+        f"JSON object save_adapter writes, found {len(raw)} bytes starting "
+        f"{raw[:40]!r}. The file is damaged or truncated: restore it or save the "
+        "adapter again.") from None
+  check_description(info, file)
+  return info
+
+
+def _read_arrays(path: str, info: dict, leaves: dict) -> dict:
+  """The arrays of the checkpoint at ``path``, checked against ``info`` first."""
+  where = os.path.join(path, ARRAYS)
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    stored = handler.metadata(epath.Path(where)).tree
+  except Exception as e:  # Orbax raises many kinds; each means a damaged item
+    raise ValueError(f"{where}: cannot read the stored arrays' metadata "
+                     f"({type(e).__name__}: {e}); expected the Orbax item save_adapter "
+                     "writes. The checkpoint is damaged: save the adapter again.") from e
+  check_arrays(info["entries"], stored, where)
+  target = restore_target(info["entries"], leaves)
+  args = ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore(target)})
+  try:
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(path, args=args)[ARRAYS]
+  except Exception as e:
+    raise ValueError(f"{where}: reading the arrays failed ({type(e).__name__}: {e}). "
+                     "The checkpoint is damaged: save the adapter again.") from e
 
 
 def read_description(directory, step: int | None = None) -> dict:
@@ -167,10 +244,7 @@ def read_description(directory, step: int | None = None) -> dict:
     >>> info["entries"]["kernel"]["a"]
     {'shape': [4, 2], 'dtype': 'float32'}
   """
-  restore, where = _resolve(directory, step)
-  info = restore(ocp.args.Composite(**{INFO: ocp.args.JsonRestore()}))[INFO]
-  check_description(info, where)
-  return info
+  return _read_description(_resolve(directory, step))
 
 
 def load_adapter(directory, base_params: Params, step: int | None = None) -> Params:
@@ -210,18 +284,15 @@ def load_adapter(directory, base_params: Params, step: int | None = None) -> Par
     >>> sorted(os.listdir(d)), load_adapter(d, w)["kernel"].rank
     (['10', '20'], 2)
   """
-  restore, where = _resolve(directory, step)
-  info = restore(ocp.args.Composite(**{INFO: ocp.args.JsonRestore()}))[INFO]
-  check_description(info, where)
+  path = _resolve(directory, step)
+  info = _read_description(path)
   base_params = merge.base(base_params)
   leaves = dict(tree.flatten(base_params)[0])
   errors = fit_errors(info["entries"], leaves)
   if errors:
     missing = any("not in the base params" in e for e in errors)
     raise ValueError(
-        f"load_adapter: the checkpoint at {where} does not fit the base params:\n  "
+        f"load_adapter: the checkpoint at {path} does not fit the base params:\n  "
         + "\n  ".join(errors)
         + (f"\nPaths that exist:{tree.some_paths(sorted(leaves))}" if missing else ""))
-  target = restore_target(info["entries"], leaves)
-  arrays = restore(ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore(target)}))[ARRAYS]
-  return unpack(arrays, info, base_params)
+  return unpack(_read_arrays(path, info, leaves), info, base_params)

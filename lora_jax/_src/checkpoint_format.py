@@ -4,13 +4,14 @@
 and trained values under Orbax-safe keys (``escape``), and a JSON
 description (format, version, config, and per path the kind, roles, rank,
 scale, dropout, shapes and dtypes). ``unpack`` attaches restored arrays to
-base params. ``check_description``, ``fit_errors`` and ``restore_target``
-serve loading; the Orbax I/O is in ``checkpoint.py``.
+base params. ``fit_errors`` and ``restore_target`` serve loading; the
+checks of a description are in ``checkpoint_check.py``, the Orbax I/O in
+``checkpoint.py``.
 """
 
 import json
 import re
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -20,7 +21,7 @@ from lora_jax._src.types import Params
 from lora_jax._src.weight import LoraWeight, Trainable, factor_shapes, is_node
 
 FORMAT = "lora_jax.adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-field sha256 checksums (checkpoint_check.py)
 ARRAYS = "arrays"  # Orbax item holding the arrays
 INFO = "lora_jax"  # Orbax item holding the JSON description
 _SAFE = re.compile(r"[A-Za-z0-9_]")
@@ -118,19 +119,6 @@ def pack(params: Params, config=None, step: int | None = None) -> tuple[dict, di
       "config": None if config is None else config.to_dict(),
       "entries": entries}
   return arrays, json.loads(json.dumps(description, default=repr))
-
-
-def check_description(info: Any, where: str) -> None:
-  if not isinstance(info, Mapping) or info.get("format") != FORMAT:
-    raise ValueError(f"{where} is not a lora_jax adapter checkpoint: expected "
-                     f"format {FORMAT!r} in its '{INFO}' item, found "
-                     f"{dict(info).get('format') if isinstance(info, Mapping) else info!r}")
-  version = info.get("format_version")
-  if not isinstance(version, int) or version > FORMAT_VERSION:
-    raise ValueError(
-        f"{where} was written in lora_jax checkpoint format version {version} "
-        f"(by lora_jax {info.get('lora_jax_version')}); this lora_jax "
-        f"({_version()}) reads format versions <= {FORMAT_VERSION}. Upgrade lora_jax.")
 
 
 def fit_errors(entries: dict, leaves: dict) -> list[str]:
