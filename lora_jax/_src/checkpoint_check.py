@@ -250,11 +250,9 @@ def _body(c: _Checker, info: Mapping, sealed: bool) -> None:
 
 def _fields(info: Mapping) -> dict[str, Any]:
   """Every checksummed field of a description: ``{field name: value}``."""
-  out = {k: info[k] for k in sorted(_TOP - {"entries"}) if k in info}
-  for path, e in info["entries"].items():
-    for k in sorted(e):
-      out[f"{_name(path)}.{k}"] = e[k]
-  return out
+  out = {f"{_name(path)}.{k}": e[k] for path, e in info["entries"].items() for k in sorted(e)}
+  out.update((k, info[k]) for k in sorted(_TOP - {"entries"}) if k in info)
+  return out  # entries first: an added entry is named before the nbytes it changes
 
 
 def _digest(field: str, value: Any) -> str:
