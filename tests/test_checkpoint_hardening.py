@@ -357,3 +357,13 @@ def test_cleanup_spares_a_live_writers_directory(tmp_path):
     with pytest.raises(FileExistsError):
       atomic_dir.create(new, final)
   assert os.listdir(tmp_path) == ["c"]
+
+
+def test_without_flock_saves_and_leaves_temporaries(tmp_path, monkeypatch):
+  """Where flock is missing, nothing is cleaned: no writer can tell who is alive."""
+  monkeypatch.setattr(atomic_dir, "fcntl", None)
+  stale = tmp_path / "c.lora_jax-tmp-unknown"
+  stale.mkdir()
+  path = save_adapter(tmp_path / "c", _adapter())
+  load_adapter(path, BASE)
+  assert sorted(os.listdir(tmp_path)) == ["c", "c.lora_jax-tmp-unknown"]

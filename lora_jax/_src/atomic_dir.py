@@ -21,11 +21,15 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import os
 import shutil
 import tempfile
 from typing import Iterator
+
+try:
+  import fcntl
+except ImportError:  # Windows: no flock; clean_stale then leaves every temporary alone
+  fcntl = None
 
 _TMP = ".lora_jax-tmp-"  # a writer's private directory: <name>.lora_jax-tmp-<random>
 _OLD = ".lora_jax-old"  # previous checkpoint during a non-atomic swap
@@ -38,13 +42,19 @@ def previous(final: str) -> str:
 
 
 def _lock(path: str, block: bool) -> int | None:
-  """An fd holding ``flock(LOCK_EX)`` on directory ``path``; None if held elsewhere."""
-  fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+  """An fd holding ``flock(LOCK_EX)`` on directory ``path``; None if held elsewhere.
+
+  Where flock is missing (Windows) or refused by the filesystem, a writer goes
+  on unlocked (-1) and a cleaner never finds the lock free (None).
+  """
+  if fcntl is None:
+    return -1 if block else None
+  fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
-  except BlockingIOError:
+  except OSError as e:  # held elsewhere, or a filesystem without locks (ENOLCK)
     os.close(fd)
-    return None
+    return -1 if block and not isinstance(e, BlockingIOError) else None
   return fd
 
 
@@ -61,11 +71,16 @@ def writing(final: str) -> Iterator[str]:
     fd = _lock(tmp, block=True)
     if os.path.isdir(tmp):  # else a cleaner took it between mkdtemp and the lock
       break
-    os.close(fd)
+    _unlock(fd)
   try:
     yield os.path.join(tmp, "new")
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+    _unlock(fd)
+
+
+def _unlock(fd: int) -> None:
+  if fd >= 0:
     os.close(fd)
 
 
@@ -129,4 +144,4 @@ def clean_stale(final: str) -> None:
       continue
     if fd is not None:  # nobody holds it: its writer died
       shutil.rmtree(path, ignore_errors=True)
-      os.close(fd)
+      _unlock(fd)

@@ -5,15 +5,18 @@ A checkpoint is an ordinary Orbax composite checkpoint with two items::
 
   <directory>/arrays/     StandardSave of {escaped path components...: {a, b} | {value}}
   <directory>/lora_jax/   JsonSave: format, version, config, and per path the
-                          kind, roles, rank, scale, dropout, shapes and dtypes
+                          kind, roles, rank, scale, dropout, shapes and dtypes;
+                          a sha256 digest of each field (format version 2)
 
 so a ``CheckpointManager`` step directory written with ``adapter_args`` is the
 same thing as a directory written by ``save_adapter``, and either loads with
 ``load_adapter(path_or_manager, base_params)`` and nothing else.
 
 This module is the I/O layer: the format itself (``pack`` / ``unpack``) is
-``checkpoint_format.py``, the atomic replacement of a directory
-``atomic_dir.py``.
+``checkpoint_format.py``, the checks of a description ``checkpoint_check.py``,
+the atomic creation and replacement of a directory ``atomic_dir.py``. Loading
+trusts nothing it reads: the description's fields, checksums and the stored
+arrays' shapes are checked before any array is restored.
 """
 
 import json
@@ -62,12 +65,17 @@ def save_adapter(directory, params: Params, step: int | None = None, config=None
                  *, overwrite: bool = False) -> str:
   """Save the adapter of ``params``: A, B, trained leaves and a JSON description.
 
-  The checkpoint is written to a sibling temporary directory and moved into
-  place when complete, so an interrupted save never leaves a checkpoint that
-  loads wrong data: the previous one stays intact and loadable. Overwriting
-  an existing checkpoint needs ``overwrite=True`` and swaps the directories
-  atomically (Linux ``renameat2``; elsewhere two renames, with the previous
-  checkpoint kept at ``<directory>.lora_jax-old`` in between).
+  The checkpoint is written to a temporary directory private to this call
+  (beside the target) and moved into place when complete, so an interrupted
+  save never leaves a checkpoint that loads wrong data: the previous one
+  stays intact and loadable. Without ``overwrite`` the move succeeds only if
+  nothing is at the target (Linux ``renameat2(RENAME_NOREPLACE)``): of
+  several processes saving to one new path, exactly one succeeds and the
+  others raise ``FileExistsError``. Overwriting swaps the directories
+  atomically (``renameat2(RENAME_EXCHANGE)``; elsewhere two renames, with
+  the previous checkpoint kept at ``<directory>.lora_jax-old`` in between).
+  An adapter whose checkpoint would be refused on loading (factors of a
+  non-floating dtype, a scale <= 0, a dropout outside [0, 1)) is not saved.
 
   Args:
     directory: where to save, or an ``ocp.CheckpointManager`` (then ``step`` is
@@ -82,6 +90,11 @@ def save_adapter(directory, params: Params, step: int | None = None, config=None
 
   Returns:
     The path written (for a manager: the manager's directory).
+
+  Raises:
+    FileExistsError: the target exists (or another save created it first)
+      and ``overwrite`` is False; nothing was written.
+    ValueError: the params hold no adapter, or one that could not be loaded.
 
   Example:
     >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
@@ -270,8 +283,10 @@ def load_adapter(directory, base_params: Params, step: int | None = None) -> Par
 
   Raises:
     FileNotFoundError: no checkpoint (or step) at ``directory``.
-    ValueError: not a lora_jax checkpoint, a newer format version, or an
-      adapter that does not fit the base (each path with both shapes).
+    ValueError: not a lora_jax checkpoint, a newer format version, a damaged
+      or edited description (the file and the field), stored arrays that do
+      not match it, or an adapter that does not fit the base (each path with
+      both shapes).
 
   Example:
     >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
