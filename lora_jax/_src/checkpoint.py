@@ -225,6 +225,12 @@ def _read_description(path: str) -> dict:
   return info
 
 
+def _cause(e: Exception) -> str:
+  """An Orbax / TensorStore error, short: its type and first 300 characters."""
+  text = str(e).split(" [tensorstore_spec=")[0]
+  return f"{type(e).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
 def _read_arrays(path: str, info: dict, leaves: dict) -> dict:
   """The arrays of the checkpoint at ``path``, checked against ``info`` first."""
   where = os.path.join(path, ARRAYS)
@@ -233,7 +239,7 @@ def _read_arrays(path: str, info: dict, leaves: dict) -> dict:
     stored = handler.metadata(epath.Path(where)).tree
   except Exception as e:  # Orbax raises many kinds; each means a damaged item
     raise ValueError(f"{where}: cannot read the stored arrays' metadata "
-                     f"({type(e).__name__}: {e}); expected the Orbax item save_adapter "
+                     f"({_cause(e)}); expected the Orbax item save_adapter "
                      "writes. The checkpoint is damaged: save the adapter again.") from e
   check_arrays(info["entries"], stored, where)
   target = restore_target(info["entries"], leaves)
@@ -241,7 +247,7 @@ def _read_arrays(path: str, info: dict, leaves: dict) -> dict:
   try:
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(path, args=args)[ARRAYS]
   except Exception as e:
-    raise ValueError(f"{where}: reading the arrays failed ({type(e).__name__}: {e}). "
+    raise ValueError(f"{where}: reading the arrays failed ({_cause(e)}). "
                      "The checkpoint is damaged: save the adapter again.") from e
 
 

@@ -37,12 +37,18 @@ _FIX = ("The description was damaged or edited after save_adapter wrote it: "
         "restore the file or save the adapter again.")
 
 
-class _Missing:
+class _Shown(str):
+  """A found value already written out: shown as is, with no type."""
+
   def __repr__(self) -> str:
-    return "nothing (the field is missing)"
+    return str(self)
 
 
-MISSING = _Missing()
+MISSING = _Shown("nothing (the field is missing)")
+
+
+def _dims(shape) -> _Shown:
+  return _Shown(str(list(shape)))
 
 
 class _Checker:
@@ -74,7 +80,7 @@ def _show(x: Any) -> str:
   """``repr`` of a found value, shortened, with its JSON type where that helps."""
   text = repr(x)
   text = text if len(text) <= 80 else text[:77] + "..."
-  if x is MISSING or _is_real(x):
+  if isinstance(x, _Shown) or _is_real(x):
     return text
   kind = {str: "string", list: "list", dict: "object", bool: "boolean",
           type(None): "null"}.get(type(x), type(x).__name__)
@@ -129,19 +135,19 @@ def _factors(c: _Checker, e: Mapping, field: str) -> None:
   for n, got, axes, what in (("a", a, ns + ni + 1, "stack + in + rank"),
                              ("b", b, ns + 1 + no, "stack + rank + out")):
     if len(got) != axes:
-      c.fail(f"{field}.{n}.shape", f"{axes} axes ({what} for roles {roles!r})", list(got))
+      c.fail(f"{field}.{n}.shape", f"{axes} axes ({what} for roles {roles!r})", _dims(got))
   kernel = _implied_kernel(roles, a, b)
   if e["kernel"] is not None:
     kernel = _spec(c, e["kernel"], f"{field}.kernel", floating=True)
     if len(kernel) != len(roles):
-      c.fail(f"{field}.kernel.shape", f"{len(roles)} axes (roles {roles!r})", list(kernel))
+      c.fail(f"{field}.kernel.shape", f"{len(roles)} axes (roles {roles!r})", _dims(kernel))
   if rank > max_rank(kernel, roles):
     c.fail(f"{field}.rank", f"at most {max_rank(kernel, roles)} for a kernel of shape "
            f"{list(kernel)} with roles {roles!r}", rank)
   how = f" (kernel {list(kernel)}, roles {roles!r}, rank {rank})"
   for n, got, want in zip("ab", (a, b), factor_shapes(kernel, roles, rank)):
     if got != tuple(want):
-      c.fail(f"{field}.{n}.shape", f"{list(want)}{how}", list(got))
+      c.fail(f"{field}.{n}.shape", f"{list(want)}{how}", _dims(got))
 
 
 def _lora_entry(c: _Checker, e: Mapping, field: str) -> int:
