@@ -367,3 +367,15 @@ def test_without_flock_saves_and_leaves_temporaries(tmp_path, monkeypatch):
   path = save_adapter(tmp_path / "c", _adapter())
   load_adapter(path, BASE)
   assert sorted(os.listdir(tmp_path)) == ["c", "c.lora_jax-tmp-unknown"]
+
+
+def test_manager_step_errors_name_the_step_file(tmp_path):
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  mngr = ocp.CheckpointManager(tmp_path / "m")
+  save_adapter(mngr, _adapter(), step=3)
+  step_dir = str(tmp_path / "m" / "3")
+  _edit(step_dir, _set("entries", "dense/kernel", "scale", 9.0))
+  with pytest.raises(ValueError) as e:
+    load_adapter(mngr, BASE)
+  assert f"{_meta(step_dir)}: field {KERNEL}.scale: expected the value it was saved" in str(e.value)
+  mngr.close()
