@@ -76,3 +76,238 @@ def test_from_hf_honours_implemented_fields():
   cfg = LlamaConfig.from_hf(d)
   assert (cfg.head_size, cfg.attention_bias, cfg.mlp_bias, cfg.tie_word_embeddings) == (
       16, True, True, True)
+
+
+# --- 2. GPT-2 Conv1D: per-rule layouts, both directions, PEFT fan_in_fan_out ---
+
+import flax.linen as nn  # noqa: E402
+import peft  # noqa: E402
+
+import lora_jax as lj  # noqa: E402
+from lora_jax import interop  # noqa: E402
+from lora_jax.interop import ConversionError, Rule  # noqa: E402
+
+GPT2_IDS = np.array([[3, 17, 5, 60, 2, 9, 41, 0], [1, 1, 8, 33, 12, 63, 7, 22]])
+GPT2_COMMON = [
+    (r"(wte|wpe)/embedding", r"transformer.\1.weight"),
+    (r"ln_f/scale", "transformer.ln_f.weight"), (r"ln_f/bias", "transformer.ln_f.bias"),
+    (r"h_(\d+)/(ln_1|ln_2)/scale", r"transformer.h.\1.\2.weight"),
+    (r"h_(\d+)/(ln_1|ln_2)/bias", r"transformer.h.\1.\2.bias"),
+    (r"h_(\d+)/(attn|mlp)/(c_\w+)/bias", r"transformer.h.\1.\2.\3.bias"),
+]
+
+
+def _gpt2_rules(layout="conv1d"):
+  """GPT-2's name map; every c_* kernel is a Conv1D, stored (in, out)."""
+  rules = list(GPT2_COMMON)
+  kernel = (r"h_(\d+)/(attn|mlp)/(c_\w+)/kernel", r"transformer.h.\1.\2.\3.weight")
+  return rules + [kernel + ((layout,) if layout else ())]
+
+
+def _gpt2_split_rules():
+  """c_attn's fused (in, 3E) Conv1D weight as separate query/key/value leaves."""
+  rules = _gpt2_rules()
+  for i, name in enumerate(("query", "key", "value")):
+    rules += [Rule(rf"h_(\d+)/attn/{name}/kernel", r"transformer.h.\1.attn.c_attn.weight",
+                   "conv1d", (i, 3)),
+              Rule(rf"h_(\d+)/attn/{name}/bias", r"transformer.h.\1.attn.c_attn.bias",
+                   "as_is", (i, 3))]
+  return rules
+
+
+def _gpt2(n_embd=16):
+  torch.manual_seed(0)
+  cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=n_embd, n_layer=2,
+                                n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+  return _randomize(transformers.GPT2LMHeadModel._from_config(cfg, attn_implementation="eager"))
+
+
+def _gpt2_template(model, split=False):
+  sd = model.state_dict()
+  t = {}
+  for k, v in sd.items():
+    parts = k.removeprefix("transformer.").split(".")
+    if parts[0] == "lm_head":
+      continue
+    leaf = {"weight": "kernel" if parts[-2].startswith("c_") else "embedding",
+            "bias": "bias"}[parts[-1]]
+    if parts[-2].startswith("ln"):
+      leaf = "scale" if parts[-1] == "weight" else "bias"
+    path = ([f"h_{parts[1]}"] + parts[2:-1]) if parts[0] == "h" else parts[:-1]
+    shape = tuple(v.shape)
+    names = [path[-1]]
+    if split and path[-1] == "c_attn":
+      names, shape = ["query", "key", "value"], shape[:-1] + (shape[-1] // 3,)
+    for n in names:
+      node = t
+      for p in path[:-1] + [n]:
+        node = node.setdefault(p, {})
+      node[leaf] = jax.ShapeDtypeStruct(shape, np.float32)
+  return t
+
+
+def _row(v, x):
+  return v.reshape((1,) * (x.ndim - 1) + (-1,))  # strict rank promotion
+
+
+def _ln(x, p):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / jnp.sqrt(var + 1e-5) * _row(p["scale"], x) + _row(p["bias"], x)
+
+
+def _dense(x, p):
+  y = x @ p["kernel"]
+  return y + _row(p["bias"], y)
+
+
+def gpt2_forward(params, ids, n_head=2):
+  """GPT-2 (tied head, gelu_new) as a plain function of Flax-style params."""
+  t = ids.shape[1]
+  x = params["wte"]["embedding"][ids] + params["wpe"]["embedding"][jnp.arange(t)][None]
+  mask = jnp.tril(jnp.ones((t, t), bool))
+  for i in range(len([k for k in params if k.startswith("h_")])):
+    h = params[f"h_{i}"]
+    a = _ln(x, h["ln_1"])
+    if "c_attn" in h["attn"]:
+      q, k, v = jnp.split(_dense(a, h["attn"]["c_attn"]), 3, axis=-1)
+    else:
+      q, k, v = (_dense(a, h["attn"][n]) for n in ("query", "key", "value"))
+    heads = lambda z: z.reshape(z.shape[:2] + (n_head, -1))
+    q, k, v = heads(q), heads(k), heads(v)
+    s = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(q.shape[-1])
+    p = jax.nn.softmax(jnp.where(mask[None, None], s, -1e9), axis=-1)
+    o = jnp.einsum("bhts,bshd->bthd", p, v).reshape(x.shape)
+    x = x + _dense(o, h["attn"]["c_proj"])
+    m = jax.nn.gelu(_dense(_ln(x, h["ln_2"]), h["mlp"]["c_fc"]), approximate=True)
+    x = x + _dense(m, h["mlp"]["c_proj"])
+  return _ln(x, params["ln_f"]) @ params["wte"]["embedding"].T
+
+
+def _torch_logits(model, ids=GPT2_IDS):
+  with torch.no_grad():
+    return model(torch.as_tensor(ids)).logits.numpy()
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split_qkv"])
+def test_gpt2_conv1d_layout_matches_transformers(split):
+  model = _gpt2()
+  sd = model.state_dict()
+  rules = _gpt2_split_rules() if split else _gpt2_rules()
+  params = interop.load_params(sd, _gpt2_template(model, split), rules,
+                               ignore=[r"lm_head\.weight"])
+  want = _torch_logits(model)
+  assert np.abs(want).max() > 1.0
+  got = np.asarray(jax.jit(gpt2_forward)(params, jnp.asarray(GPT2_IDS)))
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  # and back: the same tensors, bit for bit (fused parts concatenated)
+  back = interop.pack_state_dict(params, rules)
+  assert sorted(back) == sorted(k for k in sd if k != "lm_head.weight")
+  for k, v in back.items():
+    np.testing.assert_array_equal(v, sd[k].numpy(), err_msg=k)
+
+
+def test_gpt2_square_conv1d_without_layout_is_wrong_and_nonsquare_names_the_fix():
+  model = _gpt2()
+  sd = model.state_dict()
+  # non-square c_attn (16, 48) / c_fc: the error says Conv1D and the layout to use
+  with pytest.raises(ConversionError) as e:
+    interop.load_params(sd, _gpt2_template(model), _gpt2_rules(layout=None),
+                        ignore=[r"lm_head\.weight"])
+  msg = str(e.value)
+  assert "h_0/attn/c_attn/kernel <- transformer.h.0.attn.c_attn.weight" in msg
+  assert "GPT-2 Conv1D weight? give its name-map rule the layout 'conv1d'" in msg
+  # a Linear weight given layout conv1d: the error says it fits transposed
+  t = {"fc": {"kernel": jax.ShapeDtypeStruct((3, 2), np.float32)}}
+  with pytest.raises(ConversionError, match="fits transposed.*layout 'transposed'"):
+    interop.unpack_state_dict({"fc.weight": np.ones((2, 3))}, t, [("fc/kernel", "fc.weight",
+                                                                    "conv1d")])
+
+
+def test_layout_rule_validation():
+  with pytest.raises(TypeError, match="layout 'conv2d' is not one of"):
+    interop.as_name_map([("a", "b", "conv2d")])
+  with pytest.raises(TypeError, match=r"part must be \(i, n\)"):
+    interop.as_name_map([("a", "b", "auto", (3, 3))])
+
+
+def _peft_gpt2(tmp_path):
+  model = _gpt2()
+  cfg = peft.LoraConfig(r=2, lora_alpha=6, target_modules=["c_attn", "c_fc"],
+                        fan_in_fan_out=True, init_lora_weights=False)
+  pm = peft.get_peft_model(model, cfg).eval()
+  pm.save_pretrained(tmp_path / "peft")
+  return pm, _torch_logits(pm)
+
+
+def test_gpt2_peft_conv1d_adapter_import_export(tmp_path):
+  pm, want = _peft_gpt2(tmp_path)
+  base_sd = pm.get_base_model().state_dict()
+  plain = {k.replace(".base_layer", ""): v for k, v in base_sd.items() if "lora_" not in k}
+  model = _gpt2()
+  params = interop.load_params(plain, _gpt2_template(model), _gpt2_rules(),
+                               ignore=[r"lm_head\.weight"])
+  lp = interop.load_peft_adapter(tmp_path / "peft", params, _gpt2_rules())
+  assert isinstance(lp["h_1"]["attn"]["c_attn"]["kernel"], lj.LoraWeight)
+  got = np.asarray(jax.jit(lj.lora(gpt2_forward))(lp, jnp.asarray(GPT2_IDS)))
+  base = np.asarray(gpt2_forward(params, jnp.asarray(GPT2_IDS)))
+  assert np.abs(want - base).max() > 0.1  # the adapter matters
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  # export: PEFT reads our adapter onto a fresh GPT-2 and computes the same
+  interop.save_peft_adapter(tmp_path / "ours", lp, _gpt2_rules())
+  cfg = peft.LoraConfig.from_pretrained(tmp_path / "ours")
+  assert cfg.fan_in_fan_out is True
+  again = peft.PeftModel.from_pretrained(_gpt2(), tmp_path / "ours").eval()
+  np.testing.assert_allclose(_torch_logits(again), want, atol=1e-4, rtol=1e-4)
+
+
+def test_peft_fan_in_fan_out_on_a_linear_layout_is_refused(tmp_path):
+  pm, _ = _peft_gpt2(tmp_path)
+  model = _gpt2()
+  plain = {k.replace(".base_layer", ""): v for k, v in pm.get_base_model().state_dict().items()
+           if "lora_" not in k}
+  params = interop.load_params(plain, _gpt2_template(model), _gpt2_rules(),
+                               ignore=[r"lm_head\.weight"])
+  with pytest.raises(ValueError, match="fan_in_fan_out=True.*layout 'conv1d'"):
+    interop.load_peft_adapter(tmp_path / "peft", params, _gpt2_rules("transposed"))
+
+
+# --- 6. fused torch weights: nn.MultiheadAttention in_proj <-> Flax q/k/v --------
+
+MHA_RULES = [Rule(f"{n}/{leaf}", f"in_proj_{t}", part=(i, 3))
+             for i, n in enumerate(("query", "key", "value"))
+             for leaf, t in (("kernel", "weight"), ("bias", "bias"))]
+MHA_RULES += [(r"out/kernel", "out_proj.weight"), (r"out/bias", "out_proj.bias")]
+
+
+def test_multihead_attention_in_proj_split_and_concat():
+  torch.manual_seed(0)
+  mha = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+  with torch.no_grad():
+    for p in mha.parameters():
+      p.normal_(0, 0.3)
+  x = np.random.default_rng(0).normal(size=(2, 5, 16)).astype(np.float32)
+  with torch.no_grad():
+    want = mha(*(torch.as_tensor(x),) * 3, need_weights=False)[0].numpy()
+  module = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=16, out_features=16)
+  template = jax.eval_shape(module.init, jax.random.key(0), x)["params"]
+  sd = mha.state_dict()
+  params = interop.load_params(sd, template, MHA_RULES)
+  assert params["query"]["kernel"].shape == (16, 4, 4)
+  got = np.asarray(module.apply({"params": params}, x))
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  # save: q/k/v concatenated back into in_proj_weight / in_proj_bias
+  shapes = {k: v.shape for k, v in sd.items()}
+  back = interop.pack_state_dict(params, MHA_RULES, shapes=shapes)
+  assert sorted(back) == sorted(sd)
+  for k, v in back.items():
+    np.testing.assert_array_equal(v, sd[k].numpy(), err_msg=k)
+
+
+def test_fused_parts_errors():
+  template = {"query": {"kernel": jax.ShapeDtypeStruct((4, 4), np.float32)}}
+  rules = [Rule("query/kernel", "in_proj_weight", part=(0, 3))]
+  with pytest.raises(ConversionError, match="does not split into 3 equal slices"):
+    interop.unpack_state_dict({"in_proj_weight": np.ones((10, 4))}, template, rules)
+  with pytest.raises(ConversionError, match=r"lacks part\(s\) \[1, 2\]"):
+    interop.pack_state_dict({"query": {"kernel": np.ones((4, 4))}}, rules)

@@ -17,7 +17,7 @@ import numpy as np
 
 from lora_jax._src import layout, tree
 from lora_jax._src.interop.convert import ConversionError
-from lora_jax._src.interop.names import LAYER, NameMap, torch_index
+from lora_jax._src.interop.names import LAYER, NameMap, as_target_map, leaf_layout, torch_index
 from lora_jax._src.interop.peft_format import (PREFIX, check_config, is_io, is_targeted,
                                                kernel_modules, pattern_value)
 from lora_jax._src.interop.tensors import leaf_from_torch, to_numpy
@@ -109,6 +109,22 @@ def _stack(parts: list, n_layers: int, per_shape: tuple):
   return a_all, b_all, "s" + roles, scale
 
 
+def _fan_in_fan_out_problem(config, per_path, target_of) -> list[str]:
+  """PEFT writes ``fan_in_fan_out: true`` for GPT-2 ``Conv1D`` bases (weights
+  stored ``(in, out)``); a name map that reads them as Linear loads the base
+  transposed (silently, for square weights)."""
+  if not config.get("fan_in_fan_out") or not per_path:
+    return []
+  layouts = {p: target_of(p).layout for p in per_path}
+  if any(v == "conv1d" for v in layouts.values()):
+    return []
+  some = sorted(layouts)[:3]
+  return [f"fan_in_fan_out=True: the adapted torch modules are GPT-2 style Conv1D "
+          f"(weights stored (in, out)), but the name map reads {some} with layout "
+          f"{layouts[some[0]]!r}; give their rules the layout 'conv1d' (and load the "
+          "base weights with the same rules)"]
+
+
 def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: Any,
                 name_map: NameMap, *, trace: Callable[[Any], Any] | None = None,
                 dtype: Any = None) -> Any:
@@ -151,6 +167,7 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
                  if isinstance(x, LoraWeight)}
   modules = kernel_modules(base, name_map)
   index = torch_index(base, name_map)
+  target_of = as_target_map(name_map)
   groups, embedding, other = _parse_keys(tensors)
   rslora = bool(config.get("use_rslora", False))
   r0, alpha0 = int(config.get("r", 8)), config.get("lora_alpha", 8)
@@ -188,6 +205,7 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
     if module not in groups and is_targeted(config, module):
       missing.append((path, f"{module}.lora_A / lora_B (targeted by target_modules)"))
 
+  problems += _fan_in_fan_out_problem(config, per_path, target_of)
   inferred = {}
   if trace is not None:
     inferred = layout.infer_roles(trace, base, sorted(per_path))
@@ -244,12 +262,12 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
       missing.append((path, f"modules_to_save tensors for layers "
                             f"{sorted(set(range(n)) - set(layers))}"))
       continue
-    is_kernel = path.rsplit("/", 1)[-1] == "kernel"
+    layout = leaf_layout(path, target_of(path).layout)
     shape = tuple(w.shape[1:] if stacked else w.shape)
     vals = []
     for layer in (range(n) if stacked else [None]):
       x = to_numpy(tensors[layers[layer]])
-      v = leaf_from_torch(x, shape, is_kernel)
+      v = leaf_from_torch(x, shape, layout)
       if v is None:
         mismatched.append((path, layers[layer], f"torch {x.shape} does not convert to {shape}"))
         break
