@@ -311,3 +311,92 @@ def test_fused_parts_errors():
     interop.unpack_state_dict({"in_proj_weight": np.ones((10, 4))}, template, rules)
   with pytest.raises(ConversionError, match=r"lacks part\(s\) \[1, 2\]"):
     interop.pack_state_dict({"query": {"kernel": np.ones((4, 4))}}, rules)
+
+
+# --- 3. damaged files and invalid adapter configs name the file (and field) ------
+
+import json  # noqa: E402
+import os  # noqa: E402
+
+from lora_jax.interop import peft as lj_peft  # noqa: E402
+
+
+def _written(tmp_path):
+  return interop.write_state_dict({"w": np.ones((64, 64), np.float32)}, tmp_path)[0]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header", "garbage", "empty"])
+def test_damaged_safetensors_name_the_file(tmp_path, damage):
+  f = _written(tmp_path)
+  raw = open(f, "rb").read()
+  data = {"truncated": raw[:len(raw) // 2], "header": raw[:20],
+          "garbage": b"\xff" * 100, "empty": b""}[damage]
+  open(f, "wb").write(data)
+  with pytest.raises(ValueError, match="is not a valid safetensors file") as e:
+    sd = interop.read_state_dict(tmp_path)
+    [sd[k] for k in sd]  # noqa: B018
+  assert f in str(e.value) and "truncated or damaged" in str(e.value)
+
+
+def test_bad_shard_index_names_the_file(tmp_path):
+  interop.write_state_dict({f"w{i}": np.ones(256, np.float32) for i in range(3)}, tmp_path,
+                           max_shard_size=2048)
+  index = tmp_path / "model.safetensors.index.json"
+  index.write_text("{not json")
+  with pytest.raises(ValueError, match=rf"{index} is not valid JSON \(line 1, column 2"):
+    interop.read_state_dict(tmp_path)
+  index.write_text('{"weights": {}}')
+  with pytest.raises(ValueError, match=rf"{index} has no 'weight_map'"):
+    interop.read_state_dict(tmp_path)
+  index.write_text('{"weight_map": {"w0": "gone.safetensors"}}')
+  with pytest.raises(FileNotFoundError, match="gone.safetensors does not exist"):
+    interop.read_state_dict(tmp_path)
+
+
+def _tiny_adapter(tmp_path):
+  p = lj.lora_init(jax.random.key(0), {"fc": {"kernel": np.ones((3, 2), np.float32)}},
+                   lj.LoraConfig(rank=1, targets=".*kernel"))
+  lj_peft.save_peft_adapter(tmp_path, p, [("fc/kernel", "fc.weight")])
+  return lj.base(p), tmp_path / "adapter_config.json"
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda c: "{oops", r"is not valid JSON \(line 1, column 2"),
+    (lambda c: json.dumps([1, 2]), "must be a JSON object; found list"),
+    (lambda c: json.dumps(dict(c, r="1")), r"field 'r' must be a positive integer; found '1'"),
+    (lambda c: json.dumps(dict(c, lora_alpha=[2])), "field 'lora_alpha' must be a finite number"),
+    (lambda c: json.dumps(dict(c, target_modules=3)), "field 'target_modules' must be a regex"),
+    (lambda c: json.dumps(dict(c, rank_pattern={"fc": -1})), "field 'rank_pattern' must be"),
+    (lambda c: json.dumps(dict(c, lora_dropout=1.5)), r"field 'lora_dropout' must be a number in"),
+    (lambda c: json.dumps({k: v for k, v in c.items() if k != "target_modules"}),
+     "field 'target_modules' is missing"),
+])
+def test_invalid_adapter_config_names_file_and_field(tmp_path, edit, expected):
+  base, cfg_file = _tiny_adapter(tmp_path)
+  cfg_file.write_text(edit(json.loads(cfg_file.read_text())))
+  with pytest.raises(ValueError, match=expected) as e:
+    lj_peft.load_peft_adapter(tmp_path, base, [("fc/kernel", "fc.weight")])
+  assert str(cfg_file) in str(e.value)
+
+
+def test_damaged_adapter_weights_name_the_file(tmp_path):
+  base, _ = _tiny_adapter(tmp_path)
+  w = tmp_path / "adapter_model.safetensors"
+  w.write_bytes(w.read_bytes()[:30])
+  with pytest.raises(ValueError, match=f"{w} is not a valid safetensors file"):
+    lj_peft.load_peft_adapter(tmp_path, base, [("fc/kernel", "fc.weight")])
+
+
+def test_hf_config_json_errors_name_the_file(tmp_path):
+  from lora_jax.models import init_params
+  cfg = LlamaConfig.tiny(num_hidden_layers=1)
+  save_hf_llama(init_params(cfg), cfg, tmp_path)
+  d = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in d.items()
+                                                    if k != "hidden_size"}))
+  with pytest.raises(ValueError, match=r"config.json: LlamaConfig.from_hf: invalid config "
+                                       r"fields:\n  hidden_size: missing"):
+    load_hf_llama(tmp_path)
+  (tmp_path / "config.json").write_text(json.dumps(dict(d, model_type="gemma")))
+  with pytest.raises(NotImplementedError, match="(?s)config.json: .*model_type='gemma'"):
+    load_hf_llama(tmp_path)

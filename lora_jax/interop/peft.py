@@ -61,6 +61,7 @@ from lora_jax._src.interop.peft_format import PREFIX as PREFIX
 from lora_jax._src.interop.peft_format import check_config as check_config
 from lora_jax._src.interop.peft_format import is_targeted as is_targeted
 from lora_jax._src.interop.peft_format import pattern_value as pattern_value
+from lora_jax._src.interop.peft_format import validate_config as validate_config
 from lora_jax._src.interop.peft_pack import pack_peft as pack_peft
 from lora_jax._src.interop.peft_unpack import unpack_peft as unpack_peft
 
@@ -78,4 +79,5 @@ __all__ = (
     "read_peft_adapter",
     "save_peft_adapter",
     "unpack_peft",
+    "validate_config",
 )

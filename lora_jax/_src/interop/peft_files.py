@@ -9,7 +9,8 @@ import json
 import os
 from typing import Any, Callable, Mapping, Sequence
 
-from lora_jax._src.interop.files import read_state_dict, write_state_dict
+from lora_jax._src.interop.files import read_json, read_state_dict, write_state_dict
+from lora_jax._src.interop.peft_format import validate_config
 from lora_jax._src.interop.names import NameMap
 from lora_jax._src.interop.peft_pack import pack_peft
 from lora_jax._src.interop.peft_unpack import unpack_peft
@@ -29,8 +30,8 @@ def read_peft_adapter(adapter_dir: str | os.PathLike):
   cfg_file = os.path.join(adapter_dir, ADAPTER_CONFIG)
   if not os.path.exists(cfg_file):
     raise FileNotFoundError(f"load_peft_adapter: no {ADAPTER_CONFIG} in {adapter_dir}")
-  with open(cfg_file) as f:
-    config = json.load(f)
+  config = read_json(cfg_file, "load_peft_adapter")
+  validate_config(config, cfg_file)
   for name in (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN):
     path = os.path.join(adapter_dir, name)
     if os.path.exists(path):

@@ -19,7 +19,7 @@ from lora_jax._src import layout, tree
 from lora_jax._src.interop.convert import ConversionError
 from lora_jax._src.interop.names import LAYER, NameMap, as_target_map, leaf_layout, torch_index
 from lora_jax._src.interop.peft_format import (PREFIX, check_config, is_io, is_targeted,
-                                               kernel_modules, pattern_value)
+                                               kernel_modules, pattern_value, validate_config)
 from lora_jax._src.interop.tensors import leaf_from_torch, to_numpy
 from lora_jax._src.merge import base as _base
 from lora_jax._src.weight import LoraWeight, Trainable, is_node
@@ -159,6 +159,7 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
     >>> lw.a.shape, lw.b.shape, lw.scale
     ((3, 1), (1, 2), 2.0)
   """
+  validate_config(config)
   check_config(config)
   base = _base(params)
   leaves, treedef = tree.flatten(base)

@@ -132,12 +132,16 @@ class LlamaConfig:
       NotImplementedError: LlamaConfig.from_hf: the Flax Llama does not implement this config:
         model_type='qwen2': only 'llama' and 'mistral' are supported
     """
+    if not isinstance(hf_config, Mapping) and not hasattr(hf_config, "to_dict"):
+      raise TypeError("LlamaConfig.from_hf: expected a transformers config or a dict; "
+                      f"got {type(hf_config).__name__}")
     d = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
     problems = _unsupported_hf_fields(d)
     if problems:
       raise NotImplementedError(
           "LlamaConfig.from_hf: the Flax Llama does not implement this config:\n  "
           + "\n  ".join(problems))
+    _check_hf_sizes(d)
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     heads = d["num_attention_heads"]
     window = d.get("sliding_window") if d.get("model_type") == "mistral" else None
@@ -188,6 +192,17 @@ class LlamaConfig:
 
 
 _HF_MODEL_TYPES = ("llama", "mistral")
+_HF_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads")
+
+
+def _check_hf_sizes(d: Mapping[str, Any]) -> None:
+  """The size fields must be present positive integers."""
+  bad = [f"{k}: missing" if k not in d else f"{k}={d[k]!r}: expected a positive integer"
+         for k in _HF_SIZES
+         if not (isinstance(d.get(k), int) and not isinstance(d.get(k), bool) and d[k] > 0)]
+  if bad:
+    raise ValueError("LlamaConfig.from_hf: invalid config fields:\n  " + "\n  ".join(bad))
 
 
 def _unsupported_hf_fields(d: Mapping[str, Any]) -> list[str]:
