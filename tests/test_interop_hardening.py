@@ -261,6 +261,15 @@ def test_gpt2_peft_conv1d_adapter_import_export(tmp_path):
   np.testing.assert_allclose(_torch_logits(again), want, atol=1e-4, rtol=1e-4)
 
 
+def test_gpt2_peft_adapter_on_a_split_fused_weight_is_refused(tmp_path):
+  _peft_gpt2(tmp_path)
+  model = _gpt2()
+  params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), _gpt2_template(model, split=True))
+  with pytest.raises(ConversionError, match=r"transformer.h.0.attn.c_attn: has LoRA tensors, "
+                                            r"but its weight is fused and split over Flax leaves"):
+    interop.load_peft_adapter(tmp_path / "peft", params, _gpt2_split_rules())
+
+
 def test_peft_fan_in_fan_out_on_a_linear_layout_is_refused(tmp_path):
   pm, _ = _peft_gpt2(tmp_path)
   model = _gpt2()
@@ -400,3 +409,83 @@ def test_hf_config_json_errors_name_the_file(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(dict(d, model_type="gemma")))
   with pytest.raises(NotImplementedError, match="(?s)config.json: .*model_type='gemma'"):
     load_hf_llama(tmp_path)
+
+
+# --- 4/5. load_peft_adapter: ignore=, dry_run=, PEFT's saved embedding base layers --
+
+from hf_tiny import hf_logits, hf_model  # noqa: E402
+from lora_jax.models import llama_name_map  # noqa: E402
+
+
+def _peft_llama(directory, targets, **kw):
+  """A PEFT LoRA on a tiny Llama, saved with PEFT's default (save_embedding_layers="auto")."""
+  model = hf_model()
+  base_sd = {k: v.clone() for k, v in model.state_dict().items()}
+  pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets,
+                                                  init_lora_weights=False, **kw))
+  with pytest.warns(UserWarning, match="save_embedding_layers"):
+    pm.save_pretrained(directory)
+  return base_sd, hf_logits(pm.eval())
+
+
+def _llama_lora_logits(cfg, lp):
+  return np.asarray(jax.jit(lj.lora(Llama(cfg).apply))({"params": lp}, jnp.asarray(IDS)))
+
+
+def test_peft_default_save_with_embedding_base_layers_loads(tmp_path):
+  base_sd, want = _peft_llama(tmp_path, ["embed_tokens", "q_proj", "lm_head"])
+  written = sorted(k for k in safetensors_keys(tmp_path) if "base_layer" in k)
+  assert written == ["base_model.model.lm_head.base_layer.weight",
+                     "base_model.model.model.embed_tokens.base_layer.weight"]
+  cfg, params = load_hf_llama(base_sd, LlamaConfig.from_hf(transformers.LlamaConfig(**HF_KW)))
+  lp = lj_peft.load_peft_adapter(tmp_path, params, llama_name_map())
+  assert isinstance(lp["embed_tokens"]["embedding"], lj.LoraWeight)
+  assert np.abs(want - _llama_lora_logits(cfg, params)).max() > 0.1
+  np.testing.assert_allclose(_llama_lora_logits(cfg, lp), want, atol=1e-4, rtol=1e-4)
+  report = lj_peft.load_peft_adapter(tmp_path, params, llama_name_map(), dry_run=True)
+  assert report.ok and len(report.loaded) == 4
+  assert ("base_model.model.model.embed_tokens.base_layer.weight (equals the base weight)"
+          in report.skipped)
+
+
+def safetensors_keys(directory):
+  return list(interop.read_state_dict(directory / "adapter_model.safetensors"))
+
+
+def test_peft_embedding_base_layer_that_differs_is_an_error(tmp_path):
+  base_sd, _ = _peft_llama(tmp_path, ["embed_tokens"])
+  base_sd["model.embed_tokens.weight"] = base_sd["model.embed_tokens.weight"].clone()
+  base_sd["model.embed_tokens.weight"][3, 5] += 0.25
+  cfg, params = load_hf_llama(base_sd, LlamaConfig.from_hf(transformers.LlamaConfig(**HF_KW)))
+  key = "base_model.model.model.embed_tokens.base_layer.weight"
+  with pytest.raises(ConversionError, match=rf"{key}: PEFT saved this module's base weight "
+                                            r"and it differs .* \(max \|difference\| 0.25\)"):
+    lj_peft.load_peft_adapter(tmp_path, params, llama_name_map())
+  # knowingly keep our base: ignore= that key
+  lp = lj_peft.load_peft_adapter(tmp_path, params, llama_name_map(), ignore=[key])
+  assert isinstance(lp["embed_tokens"]["embedding"], lj.LoraWeight)
+
+
+def test_ignore_and_dry_run(tmp_path):
+  base_sd, _ = _peft_llama(tmp_path, ["embed_tokens", "q_proj", "v_proj"])
+  cfg, params = load_hf_llama(base_sd, LlamaConfig.from_hf(transformers.LlamaConfig(**HF_KW)))
+  # an extra tensor nothing takes: the error points to ignore=, which now exists
+  f = tmp_path / "adapter_model.safetensors"
+  tensors = dict(interop.read_state_dict(f))
+  tensors["base_model.model.model.extra.scale"] = np.ones(3, np.float32)
+  interop.write_state_dict(tensors, f)
+  with pytest.raises(ConversionError, match=r"(?s)unexpected torch keys.*pass ignore=\[regex\]"
+                                            r".*base_model.model.model.extra.scale"):
+    lj_peft.load_peft_adapter(tmp_path, params, llama_name_map())
+  report = lj_peft.load_peft_adapter(tmp_path, params, llama_name_map(), dry_run=True)
+  assert not report.ok and report.unexpected == ["base_model.model.model.extra.scale"]
+  assert "would NOT load" in str(report) and len(report.loaded) == 5
+  # ignore by key and by module name: v_proj adapters skipped, not reported missing
+  ignore = [r".*\.extra\.scale", r"model\.layers\.\d+\.self_attn\.v_proj"]
+  report = lj_peft.load_peft_adapter(tmp_path, params, llama_name_map(), ignore=ignore,
+                                     dry_run=True)
+  assert report.ok and len(report.loaded) == 3 and not report.missing
+  assert "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight" in report.skipped
+  lp = lj_peft.load_peft_adapter(tmp_path, params, llama_name_map(), ignore=ignore)
+  assert not isinstance(lp["layers_0"]["self_attn"]["v_proj"]["kernel"], lj.LoraWeight)
+  assert isinstance(lp["layers_0"]["self_attn"]["q_proj"]["kernel"], lj.LoraWeight)

@@ -63,6 +63,7 @@ from lora_jax._src.interop.peft_format import is_targeted as is_targeted
 from lora_jax._src.interop.peft_format import pattern_value as pattern_value
 from lora_jax._src.interop.peft_format import validate_config as validate_config
 from lora_jax._src.interop.peft_pack import pack_peft as pack_peft
+from lora_jax._src.interop.peft_unpack import PeftLoadReport as PeftLoadReport
 from lora_jax._src.interop.peft_unpack import unpack_peft as unpack_peft
 
 __all__ = (
@@ -71,6 +72,7 @@ __all__ = (
     "ADAPTER_WEIGHTS_BIN",
     "PREFIX",
     "ConversionError",
+    "PeftLoadReport",
     "check_config",
     "is_targeted",
     "load_peft_adapter",

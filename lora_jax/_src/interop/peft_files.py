@@ -41,7 +41,8 @@ def read_peft_adapter(adapter_dir: str | os.PathLike):
 
 
 def load_peft_adapter(adapter_dir: str | os.PathLike, params: Any, name_map: NameMap, *,
-                      trace: Callable[[Any], Any] | None = None, dtype: Any = None) -> Any:
+                      trace: Callable[[Any], Any] | None = None, dtype: Any = None,
+                      ignore: Sequence[str] = (), dry_run: bool = False) -> Any:
   """Load a Hugging Face PEFT LoRA adapter onto lora_jax params.
 
   Args:
@@ -57,12 +58,24 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, params: Any, name_map: Nam
     trace: optional ``lambda p: model.apply(p, x)``, only for 3+-D kernels
       whose shape splits into PEFT's (in, out) ambiguously (size-1 axes).
     dtype: factor dtype; default: each kernel's dtype.
+    ignore: regexes (``re.fullmatch``) of PEFT tensor keys (with or without
+      ``base_model.model.``) or torch module names to skip knowingly; a
+      targeted module matching one is not reported missing.
+    dry_run: return a ``PeftLoadReport`` (``print`` it) of what would be
+      loaded, skipped, missing or refused, instead of loading.
 
   Returns:
     params with ``LoraWeight`` nodes; call the model with ``lora_jax.lora``.
+    With ``dry_run``: a ``PeftLoadReport``.
+
+  PEFT's default save of adapters on ``embed_tokens`` / ``lm_head``
+  (``save_embedding_layers="auto"``) adds the base weights as
+  ``{module}.base_layer.weight``: they are accepted when they equal the base
+  params (an error gives the max difference otherwise).
 
   Raises:
-    ValueError: unsupported PEFT features, by name.
+    ValueError: unsupported PEFT features, by name; an invalid
+      ``adapter_config.json`` or a damaged weights file, by file and field.
     ConversionError: every unknown, missing or mis-shaped key at once.
 
   Example:
@@ -75,9 +88,20 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, params: Any, name_map: Nam
     >>> _ = peft.save_peft_adapter(d, p, rules)
     >>> peft.load_peft_adapter(d, lj.base(p), rules)["fc"]["kernel"].a.shape
     (3, 1)
+    >>> print(peft.load_peft_adapter(d, lj.base(p), rules, ignore=["fc"], dry_run=True))
+    PEFT adapter: loads
+      loaded (0):
+      trained (0):
+      skipped (2):
+        base_model.model.fc.lora_A.weight
+        base_model.model.fc.lora_B.weight
+      missing (0):
+      unexpected (0):
+      problems (0):
   """
   config, tensors = read_peft_adapter(adapter_dir)
-  return unpack_peft(config, tensors, params, name_map, trace=trace, dtype=dtype)
+  return unpack_peft(config, tensors, params, name_map, trace=trace, dtype=dtype,
+                     ignore=ignore, dry_run=dry_run)
 
 
 def save_peft_adapter(adapter_dir: str | os.PathLike, params: Any, name_map: NameMap,
