@@ -129,6 +129,11 @@ def unpack_state_dict(state_dict: Mapping[str, Any], template: Any,
       value (a warning lists them; abstract template leaves still raise).
     ignore: regexes (fullmatch) of torch keys to skip silently.
 
+  Each leaf is converted as its rule's layout says (``lora_jax.interop.Rule``:
+  ``"auto"``, ``"transposed"``, ``"as_is"``, ``"conv1d"``); a rule with
+  ``part=(i, n)`` takes slice ``i`` of ``n`` of a fused torch tensor. A shape
+  mismatch says when another layout would fit (e.g. a GPT-2 ``Conv1D``).
+
   Returns:
     Params with the template's structure.
 
@@ -207,6 +212,10 @@ def pack_state_dict(params: Any, name_map: NameMap, *,
       only for kernels of 3+ axes (DenseGeneral vs conv).
     dtype: cast every tensor to this dtype (default: keep).
     strict: raise for leaves the name map sends nowhere; ``False`` skips them.
+
+  Each leaf is converted as its rule's layout says (``lora_jax.interop.Rule``);
+  the leaves of a fused tensor (rules with ``part=(i, n)``) are concatenated
+  along its output axis, and all ``n`` must be there.
 
   Returns:
     ``{torch_key: np.ndarray}``.

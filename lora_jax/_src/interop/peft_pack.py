@@ -158,7 +158,8 @@ def pack_peft(params: Any, name_map: NameMap, *, use_rslora: bool = False,
     for layer, k in zip(layers, torch_keys(key, shape)):
       module = k[:-len(".weight")]
       torch_shape = shapes.get(k)
-      if torch_shape is None and roles.count("i") > 1 and roles.count("o") == 1 and not is_embedding:
+      if (torch_shape is None and roles.count("i") > 1 and roles.count("o") == 1
+          and not is_embedding and layout != "conv1d"):
         problems.append(f"{path}: a kernel with roles {x.roles!r} may be a DenseGeneral "
                         f"(torch Linear) or a conv; pass shapes={{{k!r}: torch_shape}}")
         break
