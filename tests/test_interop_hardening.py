@@ -1,14 +1,23 @@
 """Interop hardening (issue 9): HF configs, layouts, fused weights, bad files, PEFT edges."""
 
-import numpy as np
+import json
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+import peft
 import pytest
 import torch
 import transformers
 
-from hf_tiny import HF_KW, IDS
-from lora_jax.models import Llama, LlamaConfig, load_hf_llama, save_hf_llama
+import lora_jax as lj
+from hf_tiny import HF_KW, IDS, hf_logits, hf_model
+from lora_jax import interop
+from lora_jax.interop import ConversionError, Rule
+from lora_jax.interop import peft as lj_peft
+from lora_jax.models import (Llama, LlamaConfig, init_params, llama_name_map, load_hf_llama,
+                             save_hf_llama)
 
 
 def _randomize(model, seed=0):
@@ -80,12 +89,7 @@ def test_from_hf_honours_implemented_fields():
 
 # --- 2. GPT-2 Conv1D: per-rule layouts, both directions, PEFT fan_in_fan_out ---
 
-import flax.linen as nn  # noqa: E402
-import peft  # noqa: E402
 
-import lora_jax as lj  # noqa: E402
-from lora_jax import interop  # noqa: E402
-from lora_jax.interop import ConversionError, Rule  # noqa: E402
 
 GPT2_IDS = np.array([[3, 17, 5, 60, 2, 9, 41, 0], [1, 1, 8, 33, 12, 63, 7, 22]])
 GPT2_COMMON = [
@@ -324,10 +328,7 @@ def test_fused_parts_errors():
 
 # --- 3. damaged files and invalid adapter configs name the file (and field) ------
 
-import json  # noqa: E402
-import os  # noqa: E402
 
-from lora_jax.interop import peft as lj_peft  # noqa: E402
 
 
 def _written(tmp_path):
@@ -397,7 +398,6 @@ def test_damaged_adapter_weights_name_the_file(tmp_path):
 
 
 def test_hf_config_json_errors_name_the_file(tmp_path):
-  from lora_jax.models import init_params
   cfg = LlamaConfig.tiny(num_hidden_layers=1)
   save_hf_llama(init_params(cfg), cfg, tmp_path)
   d = json.loads((tmp_path / "config.json").read_text())
@@ -413,8 +413,6 @@ def test_hf_config_json_errors_name_the_file(tmp_path):
 
 # --- 4/5. load_peft_adapter: ignore=, dry_run=, PEFT's saved embedding base layers --
 
-from hf_tiny import hf_logits, hf_model  # noqa: E402
-from lora_jax.models import llama_name_map  # noqa: E402
 
 
 def _peft_llama(directory, targets, **kw):

@@ -28,6 +28,14 @@ for 2-D kernels, DenseGeneral kernels (the in / out axes are the flattened
 torch ``in`` / ``out``) and stacked kernels (a name-map key holding
 ``{layer}``: per-layer tensors stacked on the leading axis).
 
+GPT-2 style ``Conv1D`` modules (weights stored ``(in, out)``) need name-map
+rules with layout ``"conv1d"`` (``lora_jax.interop.Rule``); their factors are
+PEFT's usual ``lora_A`` / ``lora_B`` and ``fan_in_fan_out`` follows the
+layout. PEFT's default save of adapters on ``embed_tokens`` / ``lm_head``
+also writes ``{module}.base_layer.weight``: accepted when equal to the base
+params. ``load_peft_adapter(..., ignore=[regex], dry_run=True)`` skips keys
+or modules knowingly and reports what would load.
+
 The conversion is a pair of pure functions, ``unpack_peft`` /
 ``pack_peft``, over ``(config dict, {key: array})``; ``load_peft_adapter`` /
 ``save_peft_adapter`` add the file I/O. Unlike PEFT, unknown, missing and
