@@ -18,7 +18,9 @@ from lora_jax.interop.peft import load_peft_adapter as load_peft_adapter
 from lora_jax.interop.peft import save_peft_adapter as save_peft_adapter
 from lora_jax.interop.torch import LAYER as LAYER
 from lora_jax.interop.torch import ConversionError as ConversionError
+from lora_jax.interop.torch import LAYOUTS as LAYOUTS
 from lora_jax.interop.torch import NameMap as NameMap
+from lora_jax.interop.torch import Rule as Rule
 from lora_jax.interop.torch import SafetensorsDict as SafetensorsDict
 from lora_jax.interop.torch import as_name_map as as_name_map
 from lora_jax.interop.torch import kernel_from_torch as kernel_from_torch
@@ -35,8 +37,10 @@ from lora_jax.interop.torch import write_state_dict as write_state_dict
 
 __all__ = (
     "LAYER",
+    "LAYOUTS",
     "ConversionError",
     "NameMap",
+    "Rule",
     "SafetensorsDict",
     "as_name_map",
     "kernel_from_torch",

@@ -28,6 +28,14 @@ for 2-D kernels, DenseGeneral kernels (the in / out axes are the flattened
 torch ``in`` / ``out``) and stacked kernels (a name-map key holding
 ``{layer}``: per-layer tensors stacked on the leading axis).
 
+GPT-2 style ``Conv1D`` modules (weights stored ``(in, out)``) need name-map
+rules with layout ``"conv1d"`` (``lora_jax.interop.Rule``); their factors are
+PEFT's usual ``lora_A`` / ``lora_B`` and ``fan_in_fan_out`` follows the
+layout. PEFT's default save of adapters on ``embed_tokens`` / ``lm_head``
+also writes ``{module}.base_layer.weight``: accepted when equal to the base
+params. ``load_peft_adapter(..., ignore=[regex], dry_run=True)`` skips keys
+or modules knowingly and reports what would load.
+
 The conversion is a pair of pure functions, ``unpack_peft`` /
 ``pack_peft``, over ``(config dict, {key: array})``; ``load_peft_adapter`` /
 ``save_peft_adapter`` add the file I/O. Unlike PEFT, unknown, missing and
@@ -61,7 +69,9 @@ from lora_jax._src.interop.peft_format import PREFIX as PREFIX
 from lora_jax._src.interop.peft_format import check_config as check_config
 from lora_jax._src.interop.peft_format import is_targeted as is_targeted
 from lora_jax._src.interop.peft_format import pattern_value as pattern_value
+from lora_jax._src.interop.peft_format import validate_config as validate_config
 from lora_jax._src.interop.peft_pack import pack_peft as pack_peft
+from lora_jax._src.interop.peft_unpack import PeftLoadReport as PeftLoadReport
 from lora_jax._src.interop.peft_unpack import unpack_peft as unpack_peft
 
 __all__ = (
@@ -70,6 +80,7 @@ __all__ = (
     "ADAPTER_WEIGHTS_BIN",
     "PREFIX",
     "ConversionError",
+    "PeftLoadReport",
     "check_config",
     "is_targeted",
     "load_peft_adapter",
@@ -78,4 +89,5 @@ __all__ = (
     "read_peft_adapter",
     "save_peft_adapter",
     "unpack_peft",
+    "validate_config",
 )

@@ -13,13 +13,41 @@ file, sharded index or directory; ``.bin``/``.pt`` only through
 
 **Name maps.** A name map takes a Flax leaf path (the '/'-joined key path,
 as in ``LoraConfig.targets``) to a torch state-dict key, or ``None`` for a
-leaf with no torch counterpart. It is a callable or a list of
-``(regex, replacement)`` rules: the first regex that ``re.fullmatch``-es the
-path wins and ``match.expand(replacement)`` gives the key. A key holding
-``{layer}`` (``LAYER``) names a *stacked* leaf (``nn.scan``): its leading axis
-gathers the torch tensors with ``{layer}`` = 0, 1, ..., L - 1.
+leaf with no torch counterpart. It is a callable or a list of rules: the
+first regex that ``re.fullmatch``-es the path wins and
+``match.expand(key)`` gives the key. A rule is a tuple
+``(regex, key)``, ``(regex, key, layout)`` or ``(regex, key, layout, part)``,
+or a ``Rule`` with those fields. A key holding ``{layer}`` (``LAYER``) names
+a *stacked* leaf (``nn.scan``): its leading axis gathers the torch tensors
+with ``{layer}`` = 0, 1, ..., L - 1.
 
-**Conversions** are chosen from the Flax leaf's name and the shapes:
+**Layouts** (``LAYOUTS``) say how the torch tensor is stored:
+
+* ``"auto"`` (default): a leaf named ``kernel`` is a torch ``Linear`` /
+  ``Conv`` weight (``"transposed"``), any other leaf ``"as_is"``;
+* ``"transposed"``: torch ``Linear`` ``(out, in)`` / ``Conv`` ``(O, I, *k)``;
+* ``"as_is"``: the Flax array itself, reshaped only where axes merge or split
+  in order;
+* ``"conv1d"``: GPT-2's ``Conv1D``, stored ``(in, out)``: as is, and PEFT
+  adapters on it are ``fan_in_fan_out``. A square Conv1D weight read as
+  ``"auto"`` loads silently transposed: give GPT-2 style models this layout.
+
+**Fused tensors.** ``part=(i, n)`` makes the leaf the ``i``-th of ``n``
+equal slices of the torch tensor along its output axis (axis 0 of a Linear
+weight or a bias, the last axis of a ``conv1d`` weight): loading slices,
+saving concatenates. ``nn.MultiheadAttention`` into Flax's
+``MultiHeadDotProductAttention``::
+
+  rules = [Rule(f"{n}/{leaf}", f"in_proj_{t}", part=(i, 3))
+           for i, n in enumerate(("query", "key", "value"))
+           for leaf, t in (("kernel", "weight"), ("bias", "bias"))]
+  rules += [("out/kernel", "out_proj.weight"), ("out/bias", "out_proj.bias")]
+
+and GPT-2::
+
+  (r"h_(\d+)/(attn|mlp)/(c_\w+)/kernel", r"transformer.h.\1.\2.\3.weight", "conv1d")
+
+**Conversions** are chosen from the layout and the shapes:
 
 ===========================  ======================  =========================
 Flax leaf                    torch tensor            conversion
@@ -28,6 +56,8 @@ Flax leaf                    torch tensor            conversion
 ``.../kernel`` (d, h, hd)    Linear (h*hd, d)        transpose, reshape
 ``.../kernel`` (h, hd, d)    Linear (d, h*hd)        transpose, reshape
 ``.../kernel`` (kh, kw, I, O)  Conv (O, I, kh, kw)   move axes (any # spatial)
+``conv1d`` (in, out)         Conv1D (in, out)        as is (reshape for
+                                                     DenseGeneral)
 anything else                same shape              as is (``embedding``,
                                                      ``scale``, ``bias``, ...)
 ``bias`` etc. (h, hd)        1-D (h*hd,)             reshape
@@ -62,7 +92,9 @@ from lora_jax._src.interop.files import read_state_dict as read_state_dict
 from lora_jax._src.interop.files import save_params as save_params
 from lora_jax._src.interop.files import write_state_dict as write_state_dict
 from lora_jax._src.interop.names import LAYER as LAYER
+from lora_jax._src.interop.names import LAYOUTS as LAYOUTS
 from lora_jax._src.interop.names import NameMap as NameMap
+from lora_jax._src.interop.names import Rule as Rule
 from lora_jax._src.interop.names import as_name_map as as_name_map
 from lora_jax._src.interop.names import torch_index as torch_index
 from lora_jax._src.interop.names import torch_keys as torch_keys
@@ -72,10 +104,12 @@ from lora_jax._src.interop.tensors import to_numpy as to_numpy
 
 __all__ = (
     "LAYER",
+    "LAYOUTS",
     "SAFETENSORS",
     "SAFETENSORS_INDEX",
     "ConversionError",
     "NameMap",
+    "Rule",
     "SafetensorsDict",
     "as_name_map",
     "kernel_from_torch",

@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src import tree
-from lora_jax._src.interop.names import LAYER, NameMap, as_name_map, torch_keys
-from lora_jax._src.interop.tensors import leaf_from_torch, leaf_to_torch, to_numpy
+from lora_jax._src.interop.names import (LAYER, NameMap, Target, as_target_map, leaf_layout,
+                                         torch_keys)
+from lora_jax._src.interop.tensors import (leaf_from_torch, leaf_to_torch, mismatch_hint,
+                                           part_axis, take_part, to_numpy)
 from lora_jax._src.weight import is_node
 
 _SHOW = 50
@@ -35,7 +37,7 @@ class ConversionError(ValueError):
     unmapped: Flax paths the name map sent to no torch key.
     missing: ``(flax_path, torch_key)`` pairs whose torch key is absent.
     unexpected: torch keys no Flax leaf asked for.
-    mismatched: ``(flax_path, torch_key, torch_shape, flax_shape)``.
+    mismatched: ``(flax_path, torch_key, torch_shape, flax_shape[, hint])``.
   """
 
   def __init__(self, where: str, *, unmapped=(), missing=(), unexpected=(),
@@ -55,7 +57,7 @@ class ConversionError(ValueError):
     if self.mismatched:
       msg += _listing("shape mismatches", [
           f"{p} <- {k}: torch {tuple(ts)} does not convert to Flax {tuple(fs)}"
-          for p, k, ts, fs in self.mismatched])
+          + "".join(hint) for p, k, ts, fs, *hint in self.mismatched])
     if self.other:
       msg += _listing("other problems", self.other)
     super().__init__(msg)
@@ -88,6 +90,24 @@ def _check_policy(dtype: Any) -> None:
     raise ValueError(f"dtype must be 'template', 'keep' or a dtype; got {dtype!r}") from e
 
 
+def _leaf_from(w: np.ndarray, shape: tuple, path: str, target: Target):
+  """``(value, None)`` or ``(None, (torch_shape, flax_shape, hint))``."""
+  layout = leaf_layout(path, target.layout)
+  whole = w
+  if target.part is not None:
+    w = take_part(w, target.part, layout)
+    if w is None:
+      i, n = target.part
+      return None, (whole.shape, shape, f"; part {i} of {n}: axis {part_axis(layout)} "
+                                        f"does not split into {n} equal slices")
+  v = leaf_from_torch(w, shape, layout)
+  if v is None:
+    where = "" if target.part is None else f"; part {target.part} is {w.shape}"
+    hint = where + mismatch_hint(w, shape, layout)
+    return None, (whole.shape, shape) + ((hint,) if hint else ())
+  return v, None
+
+
 def unpack_state_dict(state_dict: Mapping[str, Any], template: Any,
                       name_map: NameMap, *, dtype: Any = "template",
                       strict: bool = True, ignore: Sequence[str] = ()) -> Any:
@@ -109,6 +129,11 @@ def unpack_state_dict(state_dict: Mapping[str, Any], template: Any,
       value (a warning lists them; abstract template leaves still raise).
     ignore: regexes (fullmatch) of torch keys to skip silently.
 
+  Each leaf is converted as its rule's layout says (``lora_jax.interop.Rule``:
+  ``"auto"``, ``"transposed"``, ``"as_is"``, ``"conv1d"``); a rule with
+  ``part=(i, n)`` takes slice ``i`` of ``n`` of a fused torch tensor. A shape
+  mismatch says when another layout would fit (e.g. a GPT-2 ``Conv1D``).
+
   Returns:
     Params with the template's structure.
 
@@ -126,36 +151,34 @@ def unpack_state_dict(state_dict: Mapping[str, Any], template: Any,
     ((3, 2), dtype('float32'))
   """
   _check_policy(dtype)
-  name = as_name_map(name_map)
+  target_of = as_target_map(name_map)
   skip = [re.compile(p) for p in ignore]
   leaves, treedef = tree.flatten(template)
   used: set[str] = set()
   unmapped, missing, mismatched, out = [], [], [], []
   for path, leaf in leaves:
     out.append(None)
-    key = name(path)
-    if key is None:
+    target = target_of(path)
+    if target is None:
       unmapped.append(path)
       continue
     shape = tuple(leaf.shape)
-    keys = torch_keys(key, shape)
+    keys = torch_keys(target.key, shape)
     absent = [k for k in keys if k not in state_dict]
     missing += [(path, k) for k in absent]
     used.update(keys)
     if absent:
       continue
-    per = shape[1:] if LAYER in key else shape
-    is_kernel = path.rsplit("/", 1)[-1] == "kernel"
+    per = shape[1:] if LAYER in target.key else shape
     parts = []
     for k in keys:
-      w = to_numpy(state_dict[k])
-      v = leaf_from_torch(w, per, is_kernel)
+      v, bad = _leaf_from(to_numpy(state_dict[k]), per, path, target)
       if v is None:
-        mismatched.append((path, k, w.shape, per))
+        mismatched.append((path, k) + bad)
         break
       parts.append(v)
     else:
-      value = np.stack(parts) if LAYER in key else parts[0]
+      value = np.stack(parts) if LAYER in target.key else parts[0]
       out[-1] = _place(value, leaf, dtype)
   unexpected = [k for k in state_dict
                 if k not in used and not any(r.fullmatch(k) for r in skip)]
@@ -190,6 +213,10 @@ def pack_state_dict(params: Any, name_map: NameMap, *,
     dtype: cast every tensor to this dtype (default: keep).
     strict: raise for leaves the name map sends nowhere; ``False`` skips them.
 
+  Each leaf is converted as its rule's layout says (``lora_jax.interop.Rule``);
+  the leaves of a fused tensor (rules with ``part=(i, n)``) are concatenated
+  along its output axis, and all ``n`` must be there.
+
   Returns:
     ``{torch_key: np.ndarray}``.
 
@@ -199,32 +226,76 @@ def pack_state_dict(params: Any, name_map: NameMap, *,
     >>> pack_state_dict(params, [(r"fc/kernel", "fc.weight")])["fc.weight"].shape
     (2, 3)
   """
-  name = as_name_map(name_map)
+  target_of = as_target_map(name_map)
   shapes = shapes or {}
   out: dict[str, np.ndarray] = {}
+  fused: dict[str, dict] = {}
   unmapped, other = [], []
   for path, leaf in tree.flatten(params, is_leaf=is_node)[0]:
     if is_node(leaf):
       raise TypeError(f"pack_state_dict: {path} holds a {type(leaf).__name__}; "
                       "fold adapters in with lora_jax.merge(params) first")
-    key = name(path)
-    if key is None:
+    target = target_of(path)
+    if target is None:
       unmapped.append(path)
       continue
     x = to_numpy(leaf)
     if dtype is not None:
       x = x.astype(jnp.dtype(dtype))
-    keys = torch_keys(key, x.shape)
-    is_kernel = path.rsplit("/", 1)[-1] == "kernel"
-    for k, part in zip(keys, list(x) if LAYER in key else [x]):
-      if k in out:
+    layout = leaf_layout(path, target.layout)
+    keys = torch_keys(target.key, x.shape)
+    for k, part in zip(keys, list(x) if LAYER in target.key else [x]):
+      if k in out or (target.part is None and k in fused):
         other.append(f"{path} -> {k}: two Flax leaves map to this key")
         continue
       try:
-        out[k] = np.ascontiguousarray(leaf_to_torch(part, is_kernel, shapes.get(k)))
+        torch_shape = _part_shape(shapes.get(k), target.part, layout)
+        t = np.ascontiguousarray(leaf_to_torch(part, layout, torch_shape))
       except ValueError as e:
         other.append(f"{path} -> {k}: {e}")
+        continue
+      if target.part is None:
+        out[k] = t
+      else:
+        fused.setdefault(k, {"n": target.part[1], "layout": layout, "parts": {}})
+        fused[k]["parts"].setdefault(target.part[0], []).append(path)
+        fused[k].setdefault("values", {})[target.part[0]] = t
+  for k, f in fused.items():
+    problem = _fuse_problem(f)
+    if problem:
+      other.append(f"{k}: {problem}")
+    else:
+      vals = [f["values"][i] for i in range(f["n"])]
+      out[k] = np.ascontiguousarray(np.concatenate(
+          vals, axis=part_axis(f["layout"]) if vals[0].ndim > 1 else 0))
   if other or (strict and unmapped):
     raise ConversionError("pack_state_dict", unmapped=unmapped if strict else (),
                           other=other)
   return out
+
+
+def _part_shape(shape, part, layout: str):
+  """The torch shape of one part of a fused tensor of ``shape`` (None if unknown)."""
+  if shape is None or part is None:
+    return shape
+  shape = list(shape)
+  axis = part_axis(layout) if len(shape) > 1 else 0
+  shape[axis] //= part[1]
+  return tuple(shape)
+
+
+def _fuse_problem(f: dict) -> str | None:
+  """Why the parts of one fused torch tensor cannot be concatenated, or None."""
+  n, parts = f["n"], f["parts"]
+  twice = {i: p for i, p in parts.items() if len(p) > 1}
+  if twice:
+    return f"part(s) given by several Flax leaves: {twice}"
+  absent = [i for i in range(n) if i not in parts]
+  if absent:
+    return (f"fused tensor of {n} parts lacks part(s) {absent} (have "
+            f"{ {i: p[0] for i, p in sorted(parts.items())} })")
+  shapes = {v.shape for v in f["values"].values()}
+  if len({tuple(np.delete(s, part_axis(f["layout"]) if len(s) > 1 else 0))
+          for s in shapes}) > 1:
+    return f"parts have shapes that do not concatenate: {sorted(shapes)}"
+  return None

@@ -30,19 +30,21 @@ class SafetensorsDict(Mapping):
   """
 
   def __init__(self, files: Sequence[str]):
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
     self._where: dict[str, str] = {}
     self.metadata: dict[str, str] = {}
     for f in files:
-      with safe_open(f, framework="np") as h:
+      with _open_safetensors(f) as h:
         self.metadata.update(h.metadata() or {})
         for k in h.keys():
           self._where[k] = f
 
   def __getitem__(self, key: str) -> np.ndarray:
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-    with safe_open(self._where[key], framework="np") as h:
-      return h.get_tensor(key)
+    f = self._where[key]
+    with _open_safetensors(f) as h:
+      try:
+        return h.get_tensor(key)
+      except Exception as e:  # SafetensorError: the data does not fit the header
+        raise _damaged(f, f"reading tensor {key!r}", e) from e
 
   def __iter__(self) -> Iterator[str]:
     return iter(self._where)
@@ -54,9 +56,54 @@ class SafetensorsDict(Mapping):
     return key in self._where
 
 
+def _damaged(path: str, what: str, e: Exception) -> ValueError:
+  return ValueError(f"read_state_dict: {path} is not a valid safetensors file ({what} "
+                    f"failed: {type(e).__name__}: {e}); the file is truncated or damaged: "
+                    "download or write it again")
+
+
+def _open_safetensors(path: str):
+  """``safe_open(path)``, with errors that name the file."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"read_state_dict: {path} does not exist (or is not a file)")
+  try:
+    return safe_open(path, framework="np")
+  except Exception as e:  # SafetensorError, OSError, ...: all mean a bad file here
+    raise _damaged(path, "reading the header", e) from e
+
+
+def read_json(path: str, what: str) -> Any:
+  """A JSON file, with errors that name it (and the line and column)."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{what}: {path} is not valid JSON (line {e.lineno}, column "
+                     f"{e.colno}: {e.msg})") from e
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{what}: {path} is not valid JSON (not UTF-8 text: {e})") from e
+
+
+def _weight_map(path: str) -> dict[str, str]:
+  index = read_json(path, "read_state_dict")
+  weight_map = index.get("weight_map") if isinstance(index, dict) else None
+  if not isinstance(weight_map, dict) or not all(
+      isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+    raise ValueError(f"read_state_dict: {path} has no 'weight_map' of "
+                     "{tensor key: shard file name}; found "
+                     f"{type(weight_map).__name__ if weight_map is not None else 'none'}")
+  return weight_map
+
+
 def _torch_load(path: str) -> dict[str, np.ndarray]:
   import torch  # pylint: disable=g-import-not-at-top
-  sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
+  try:
+    sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"read_state_dict: cannot read {path} with torch.load(weights_only="
+                     f"True) ({type(e).__name__}: {str(e)[:300]}); the file is truncated, "
+                     "damaged or holds more than tensors") from e
   if not isinstance(sd, Mapping):
     raise ValueError(f"read_state_dict: {path} holds a {type(sd).__name__}, not a state dict")
   return {k: to_numpy(v) for k, v in sd.items()}
@@ -98,8 +145,7 @@ def read_state_dict(path: str | os.PathLike) -> Mapping[str, np.ndarray]:
   if os.path.isdir(path):
     path = _find_weights(path)
   if path.endswith(".json"):
-    with open(path) as f:
-      weight_map = json.load(f)["weight_map"]
+    weight_map = _weight_map(path)
     base = os.path.dirname(path)
     files = sorted({os.path.join(base, f) for f in weight_map.values()})
     if all(f.endswith(".safetensors") for f in files):

@@ -9,7 +9,8 @@ import json
 import os
 from typing import Any, Callable, Mapping, Sequence
 
-from lora_jax._src.interop.files import read_state_dict, write_state_dict
+from lora_jax._src.interop.files import read_json, read_state_dict, write_state_dict
+from lora_jax._src.interop.peft_format import validate_config
 from lora_jax._src.interop.names import NameMap
 from lora_jax._src.interop.peft_pack import pack_peft
 from lora_jax._src.interop.peft_unpack import unpack_peft
@@ -29,8 +30,8 @@ def read_peft_adapter(adapter_dir: str | os.PathLike):
   cfg_file = os.path.join(adapter_dir, ADAPTER_CONFIG)
   if not os.path.exists(cfg_file):
     raise FileNotFoundError(f"load_peft_adapter: no {ADAPTER_CONFIG} in {adapter_dir}")
-  with open(cfg_file) as f:
-    config = json.load(f)
+  config = read_json(cfg_file, "load_peft_adapter")
+  validate_config(config, cfg_file)
   for name in (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN):
     path = os.path.join(adapter_dir, name)
     if os.path.exists(path):
@@ -40,7 +41,8 @@ def read_peft_adapter(adapter_dir: str | os.PathLike):
 
 
 def load_peft_adapter(adapter_dir: str | os.PathLike, params: Any, name_map: NameMap, *,
-                      trace: Callable[[Any], Any] | None = None, dtype: Any = None) -> Any:
+                      trace: Callable[[Any], Any] | None = None, dtype: Any = None,
+                      ignore: Sequence[str] = (), dry_run: bool = False) -> Any:
   """Load a Hugging Face PEFT LoRA adapter onto lora_jax params.
 
   Args:
@@ -56,12 +58,24 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, params: Any, name_map: Nam
     trace: optional ``lambda p: model.apply(p, x)``, only for 3+-D kernels
       whose shape splits into PEFT's (in, out) ambiguously (size-1 axes).
     dtype: factor dtype; default: each kernel's dtype.
+    ignore: regexes (``re.fullmatch``) of PEFT tensor keys (with or without
+      ``base_model.model.``) or torch module names to skip knowingly; a
+      targeted module matching one is not reported missing.
+    dry_run: return a ``PeftLoadReport`` (``print`` it) of what would be
+      loaded, skipped, missing or refused, instead of loading.
 
   Returns:
     params with ``LoraWeight`` nodes; call the model with ``lora_jax.lora``.
+    With ``dry_run``: a ``PeftLoadReport``.
+
+  PEFT's default save of adapters on ``embed_tokens`` / ``lm_head``
+  (``save_embedding_layers="auto"``) adds the base weights as
+  ``{module}.base_layer.weight``: they are accepted when they equal the base
+  params (an error gives the max difference otherwise).
 
   Raises:
-    ValueError: unsupported PEFT features, by name.
+    ValueError: unsupported PEFT features, by name; an invalid
+      ``adapter_config.json`` or a damaged weights file, by file and field.
     ConversionError: every unknown, missing or mis-shaped key at once.
 
   Example:
@@ -74,9 +88,20 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, params: Any, name_map: Nam
     >>> _ = peft.save_peft_adapter(d, p, rules)
     >>> peft.load_peft_adapter(d, lj.base(p), rules)["fc"]["kernel"].a.shape
     (3, 1)
+    >>> print(peft.load_peft_adapter(d, lj.base(p), rules, ignore=["fc"], dry_run=True))
+    PEFT adapter: loads
+      loaded (0):
+      trained (0):
+      skipped (2):
+        base_model.model.fc.lora_A.weight
+        base_model.model.fc.lora_B.weight
+      missing (0):
+      unexpected (0):
+      problems (0):
   """
   config, tensors = read_peft_adapter(adapter_dir)
-  return unpack_peft(config, tensors, params, name_map, trace=trace, dtype=dtype)
+  return unpack_peft(config, tensors, params, name_map, trace=trace, dtype=dtype,
+                     ignore=ignore, dry_run=dry_run)
 
 
 def save_peft_adapter(adapter_dir: str | os.PathLike, params: Any, name_map: NameMap,

@@ -7,6 +7,7 @@
 same name map as the weights (``lora_jax.interop.torch``).
 """
 
+import math
 import re
 from typing import Any, Mapping
 
@@ -105,6 +106,81 @@ def is_targeted(config: Mapping[str, Any], module: str) -> bool:
     idx = int(match.group("idx"))
     return idx == indexes if isinstance(indexes, int) else idx in indexes
   return found
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _strs(x) -> bool:
+  return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+
+def _dict_of(ok):
+  return lambda x: isinstance(x, dict) and all(
+      isinstance(k, str) and ok(v) for k, v in x.items())
+
+
+# {field: (check of a present, non-null value, what is expected)}
+_FIELD_TYPES = {
+    "peft_type": (lambda x: isinstance(x, str), "a string ('LORA')"),
+    "r": (lambda x: _is_int(x) and x > 0, "a positive integer"),
+    "lora_alpha": (_is_num, "a finite number"),
+    "lora_dropout": (lambda x: _is_num(x) and 0 <= x < 1, "a number in [0, 1)"),
+    "use_rslora": (lambda x: isinstance(x, bool), "true or false"),
+    "fan_in_fan_out": (lambda x: isinstance(x, bool), "true or false"),
+    "bias": (lambda x: isinstance(x, str), "a string ('none')"),
+    "target_modules": (lambda x: isinstance(x, str) or _strs(x),
+                       "a regex string or a list of module names"),
+    "exclude_modules": (lambda x: isinstance(x, str) or _strs(x),
+                        "a regex string or a list of module names"),
+    "modules_to_save": (_strs, "a list of module names"),
+    "rank_pattern": (_dict_of(lambda v: _is_int(v) and v > 0),
+                     "a dict {pattern: positive integer rank}"),
+    "alpha_pattern": (_dict_of(_is_num), "a dict {pattern: number}"),
+    "layers_to_transform": (lambda x: _is_int(x) or (isinstance(x, list) and all(
+        _is_int(v) for v in x)), "an integer or a list of integers"),
+    "layers_pattern": (lambda x: isinstance(x, str) or _strs(x),
+                       "a string or a list of strings"),
+    "init_lora_weights": (lambda x: isinstance(x, (bool, str)), "true, false or a string"),
+}
+_REQUIRED = ("target_modules",)
+
+
+def validate_config(config: Any, where: str = "adapter_config") -> None:
+  """Check the types and ranges of the ``adapter_config.json`` fields lora_jax reads.
+
+  Args:
+    config: the parsed ``adapter_config.json``.
+    where: the file (or other source) named in the error.
+
+  Raises:
+    ValueError: naming ``where`` and every field that is missing or of the
+      wrong type, with what was expected and what was found.
+
+  Example:
+    >>> validate_config({"r": "8", "target_modules": ["q_proj"]}, "a/adapter_config.json")
+    Traceback (most recent call last):
+    ...
+    ValueError: a/adapter_config.json: invalid PEFT adapter config:
+      field 'r' must be a positive integer; found '8' (str)
+  """
+  if not isinstance(config, Mapping):
+    raise ValueError(f"{where}: a PEFT adapter config must be a JSON object; found "
+                     f"{type(config).__name__}")
+  problems = [f"field {k!r} is missing (expected {_FIELD_TYPES[k][1]})"
+              for k in _REQUIRED if k not in config]
+  for key, (ok, expected) in _FIELD_TYPES.items():
+    value = config.get(key)
+    if value is not None and not ok(value):
+      problems.append(f"field {key!r} must be {expected}; found {value!r} "
+                      f"({type(value).__name__})")
+  if problems:
+    raise ValueError(f"{where}: invalid PEFT adapter config:\n  " + "\n  ".join(problems))
 
 
 def check_config(config: Mapping[str, Any]) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 
 from lora_jax._src import tree
 from lora_jax._src.interop.convert import ConversionError
-from lora_jax._src.interop.names import LAYER, NameMap, as_name_map, torch_keys
+from lora_jax._src.interop.names import LAYER, NameMap, as_target_map, leaf_layout, torch_keys
 from lora_jax._src.interop.peft_format import PREFIX, is_io, kernel_modules
 from lora_jax._src.interop.tensors import leaf_to_torch, to_numpy
 from lora_jax._src.merge import base as _base
@@ -92,6 +92,9 @@ def pack_peft(params: Any, name_map: NameMap, *, use_rslora: bool = False,
   sqrt(r)`` with ``use_rslora``); the most common rank and alpha become
   ``r`` / ``lora_alpha`` and the others go to ``rank_pattern`` /
   ``alpha_pattern``. ``Trainable`` leaves become ``modules_to_save``.
+  ``fan_in_fan_out`` is true when every adapted module's name-map rule has
+  layout ``"conv1d"`` (GPT-2's ``Conv1D``); the factors are the same either
+  way (PEFT's ``lora_A`` is ``(r, in)`` for both).
 
   Args:
     params: params with ``LoraWeight`` (and ``Trainable``) nodes.
@@ -112,29 +115,33 @@ def pack_peft(params: Any, name_map: NameMap, *, use_rslora: bool = False,
     >>> cfg["target_modules"], cfg["r"], cfg["lora_alpha"], sorted(t)
     (['fc'], 1, 4, ['base_model.model.fc.lora_A.weight', 'base_model.model.fc.lora_B.weight'])
   """
-  name = as_name_map(name_map)
+  target_of = as_target_map(name_map)
   shapes = shapes or {}
   base = _base(params)
   all_modules = set(kernel_modules(base, name_map))
   tensors: dict[str, np.ndarray] = {}
-  ranks, alphas, dropouts, saved, problems = {}, {}, [], [], []
+  ranks, alphas, dropouts, saved, problems, conv1d = {}, {}, [], [], [], {}
   for path, x in tree.flatten(params, is_leaf=is_node)[0]:
     if not is_node(x):
       continue
-    key = name(path)
-    if key is None:
+    target = target_of(path)
+    if target is None:
       problems.append(f"{path}: the name map gives no torch key")
       continue
+    if target.part is not None:
+      problems.append(f"{path}: its torch key {target.key!r} is a fused tensor (rule part="
+                      f"{target.part}); PEFT cannot hold an adapter on a part of one")
+      continue
+    key, layout = target.key, leaf_layout(path, target.layout)
     shape = tuple(np.shape(x.w if isinstance(x, LoraWeight) else x.base))
     layers = list(range(shape[0])) if LAYER in key else [None]
     if isinstance(x, Trainable):
       v = to_numpy(x.value)
-      is_kernel = path.rsplit("/", 1)[-1] == "kernel"
       for layer, k in zip(layers, torch_keys(key, shape)):
         part = v if layer is None else v[layer]
         try:
           tensors[PREFIX + k] = np.ascontiguousarray(
-              leaf_to_torch(part, is_kernel, shapes.get(k)))
+              leaf_to_torch(part, layout, shapes.get(k)))
         except ValueError as e:
           problems.append(f"{path} -> {k}: {e}")
         saved.append(k.rsplit(".", 1)[0])
@@ -151,13 +158,15 @@ def pack_peft(params: Any, name_map: NameMap, *, use_rslora: bool = False,
     for layer, k in zip(layers, torch_keys(key, shape)):
       module = k[:-len(".weight")]
       torch_shape = shapes.get(k)
-      if torch_shape is None and roles.count("i") > 1 and roles.count("o") == 1 and not is_embedding:
+      if (torch_shape is None and roles.count("i") > 1 and roles.count("o") == 1
+          and not is_embedding and layout != "conv1d"):
         problems.append(f"{path}: a kernel with roles {x.roles!r} may be a DenseGeneral "
                         f"(torch Linear) or a conv; pass shapes={{{k!r}: torch_shape}}")
         break
       for tk, tv in _to_peft(x, layer, module, torch_shape, is_embedding).items():
         tensors[PREFIX + tk] = np.ascontiguousarray(tv)
       ranks[module] = x.rank
+      conv1d[module] = layout == "conv1d"
       alphas[module] = _number(x.scale * (math.sqrt(x.rank) if use_rslora else x.rank))
       dropouts.append(float(x.dropout))
   if problems:
@@ -176,7 +185,8 @@ def pack_peft(params: Any, name_map: NameMap, *, use_rslora: bool = False,
       "r": r, "lora_alpha": alpha, "use_rslora": bool(use_rslora),
       "target_modules": _target_modules(set(ranks), all_modules),
       "rank_pattern": _patterns(ranks, r), "alpha_pattern": _patterns(alphas, alpha),
-      "lora_dropout": max(dropouts), "bias": "none", "fan_in_fan_out": False,
+      "lora_dropout": max(dropouts), "bias": "none",
+      "fan_in_fan_out": all(conv1d.values()),  # GPT-2 Conv1D modules (rule layout)
       "modules_to_save": sorted(set(saved)) or None,
       "init_lora_weights": True, "inference_mode": True,
   }

@@ -7,9 +7,10 @@ of a stacked (``{layer}``) kernel are stacked, ranks zero-padded.
 """
 
 import collections
+import dataclasses
 import math
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +18,10 @@ import numpy as np
 
 from lora_jax._src import layout, tree
 from lora_jax._src.interop.convert import ConversionError
-from lora_jax._src.interop.names import LAYER, NameMap, torch_index
+from lora_jax._src.interop.names import (LAYER, NameMap, as_target_map, fused_keys, leaf_layout,
+                                         torch_index)
 from lora_jax._src.interop.peft_format import (PREFIX, check_config, is_io, is_targeted,
-                                               kernel_modules, pattern_value)
+                                               kernel_modules, pattern_value, validate_config)
 from lora_jax._src.interop.tensors import leaf_from_torch, to_numpy
 from lora_jax._src.merge import base as _base
 from lora_jax._src.weight import LoraWeight, Trainable, is_node
@@ -109,9 +111,97 @@ def _stack(parts: list, n_layers: int, per_shape: tuple):
   return a_all, b_all, "s" + roles, scale
 
 
+# PEFT's save_embedding_layers (default "auto" when embed_tokens / lm_head are
+# targeted) writes the base weight of an adapted module as {module}.base_layer.{param}.
+_BASE_COPY = re.compile(r"(.+)\.base_layer\.(\w+)")
+
+
+def _ignored(key: str, skip: Sequence[re.Pattern]) -> bool:
+  """Whether ``ignore=`` names this tensor key (with or without the prefix) or its module."""
+  if not skip:
+    return False
+  bare = key.removeprefix(PREFIX)
+  m = _KEY.fullmatch(bare)
+  module = (m.group("module") or m.group("emodule")) if m else bare.rsplit(".", 1)[0]
+  return any(r.fullmatch(x) for r in skip for x in (key, bare, module))
+
+
+def _base_copy_problem(key: str, value: Any, where: tuple, by_path: Mapping[str, Any],
+                       target_of) -> str | None:
+  """None if a saved ``base_layer`` copy equals the base params, else why not."""
+  path, layer = where
+  w = by_path[path]
+  if not isinstance(w, (np.ndarray, jax.Array)):
+    return None  # abstract base params: nothing to compare with
+  w = np.asarray(w if layer is None else w[layer])
+  x = leaf_from_torch(to_numpy(value), w.shape, leaf_layout(path, target_of(path).layout))
+  if x is None:
+    return (f"{key}: PEFT saved this module's base weight with shape {to_numpy(value).shape}, "
+            f"which does not fit the base params' {path} {w.shape} (a resized vocabulary?); "
+            "load that weight into the base params first (lora_jax.interop.load_params)")
+  x = x.astype(w.dtype)
+  if np.array_equal(x, w):
+    return None
+  diff = float(np.max(np.abs(x.astype(np.float64) - w.astype(np.float64))))
+  return (f"{key}: PEFT saved this module's base weight and it differs from the base "
+          f"params' {path} (max |difference| {diff:.3g}); the adapter was trained on "
+          "another base (or a resized / retrained embedding): load that weight into the "
+          "base params first, or pass ignore=[...] to use yours")
+
+
+@dataclasses.dataclass
+class PeftLoadReport:
+  """What ``load_peft_adapter(..., dry_run=True)`` would do; ``print`` it.
+
+  Attributes:
+    loaded: ``"flax_path <- torch modules (rank, scale)"`` adapters.
+    trained: ``modules_to_save`` leaves that would be replaced.
+    skipped: tensor keys skipped (``ignore=``, base copies equal to the base).
+    missing: ``"flax_path <- key"`` tensors the config asks for but the file lacks.
+    unexpected: tensor keys nothing would take.
+    problems: everything else that would raise.
+  """
+
+  loaded: list[str]
+  trained: list[str]
+  skipped: list[str]
+  missing: list[str]
+  unexpected: list[str]
+  problems: list[str]
+
+  @property
+  def ok(self) -> bool:
+    """Whether loading would succeed."""
+    return not (self.missing or self.unexpected or self.problems)
+
+  def __str__(self) -> str:
+    lines = [f"PEFT adapter: {'loads' if self.ok else 'would NOT load'}"]
+    for name in ("loaded", "trained", "skipped", "missing", "unexpected", "problems"):
+      items = getattr(self, name)
+      lines.append(f"  {name} ({len(items)}):")
+      lines += [f"    {x}" for x in items]
+    return "\n".join(lines)
+
+
+def _fan_in_fan_out_problem(config, per_path, target_of) -> list[str]:
+  """PEFT writes ``fan_in_fan_out: true`` for GPT-2 ``Conv1D`` bases (weights
+  stored ``(in, out)``); a name map that reads them as Linear loads the base
+  transposed (silently, for square weights)."""
+  if not config.get("fan_in_fan_out") or not per_path:
+    return []
+  layouts = {p: target_of(p).layout for p in per_path}
+  if any(v == "conv1d" for v in layouts.values()):
+    return []
+  some = sorted(layouts)[:3]
+  return [f"fan_in_fan_out=True: the adapted torch modules are GPT-2 style Conv1D "
+          f"(weights stored (in, out)), but the name map reads {some} with layout "
+          f"{layouts[some[0]]!r}; give their rules the layout 'conv1d' (and load the "
+          "base weights with the same rules)"]
+
+
 def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: Any,
                 name_map: NameMap, *, trace: Callable[[Any], Any] | None = None,
-                dtype: Any = None) -> Any:
+                dtype: Any = None, ignore: Sequence[str] = (), dry_run: bool = False) -> Any:
   """A PEFT adapter (config dict + tensors) on lora_jax params.
 
   Args:
@@ -125,9 +215,16 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
       kernel's shape splits into PEFT's ``(in, out)`` in several ways (size-1
       axes).
     dtype: dtype of the factors; the kernel's by default.
+    ignore: regexes; a tensor whose key (with or without ``base_model.model.``)
+      or torch module name ``re.fullmatch``-es one is skipped knowingly, and a
+      module matching one is not reported missing.
+    dry_run: return a ``PeftLoadReport`` of what would be loaded, skipped,
+      missing or refused instead of the params, and raise nothing for
+      key problems.
 
   Returns:
-    params with ``LoraWeight`` nodes (and ``Trainable`` for modules_to_save).
+    params with ``LoraWeight`` nodes (and ``Trainable`` for modules_to_save),
+    or with ``dry_run`` a ``PeftLoadReport``.
 
   Raises:
     ValueError: unsupported PEFT features (by name).
@@ -143,6 +240,7 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
     >>> lw.a.shape, lw.b.shape, lw.scale
     ((3, 1), (1, 2), 2.0)
   """
+  validate_config(config)
   check_config(config)
   base = _base(params)
   leaves, treedef = tree.flatten(base)
@@ -151,7 +249,10 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
                  if isinstance(x, LoraWeight)}
   modules = kernel_modules(base, name_map)
   index = torch_index(base, name_map)
-  groups, embedding, other = _parse_keys(tensors)
+  target_of = as_target_map(name_map)
+  skip = [re.compile(p) for p in ignore]
+  skipped = [k for k in tensors if _ignored(k, skip)]
+  groups, embedding, other = _parse_keys({k: None for k in tensors if k not in skipped})
   rslora = bool(config.get("use_rslora", False))
   r0, alpha0 = int(config.get("r", 8)), config.get("lora_alpha", 8)
   unexpected, missing, mismatched, problems = [], [], [], []
@@ -162,6 +263,12 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
   for key in other:
     bare = key.removeprefix(PREFIX)
     module = bare.rsplit(".", 1)[0]
+    copy = _BASE_COPY.fullmatch(bare)
+    if copy and copy.expand(r"\1.\2") in index:
+      why = _base_copy_problem(key, tensors[key], index[copy.expand(r"\1.\2")], by_path,
+                               target_of)
+      (problems if why else skipped).append(why or f"{key} (equals the base weight)")
+      continue
     if bare in index and any(module.endswith(m) for m in saved):
       path, layer = index[bare]
       trained[path][layer] = key
@@ -170,7 +277,14 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
 
   # which modules PEFT would adapt, and which the file adapts
   per_path: dict[str, dict[int | None, str]] = collections.defaultdict(dict)
+  fused = fused_keys(base, name_map)
   for module, kinds in groups.items():
+    if f"{module}.weight" in fused:
+      problems.append(f"{module}: has LoRA tensors, but its weight is fused and split over "
+                      f"Flax leaves {fused[module + '.weight']} (rules with part=); an "
+                      "adapter on a fused weight cannot be split: keep that weight whole "
+                      "in Flax (one kernel)")
+      continue
     if module not in modules:
       unexpected += sorted(kinds.values())
       continue
@@ -185,9 +299,10 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
     path, layer = modules[module]
     per_path[path][layer] = module
   for module, (path, layer) in modules.items():
-    if module not in groups and is_targeted(config, module):
+    if module not in groups and is_targeted(config, module) and not _ignored(module, skip):
       missing.append((path, f"{module}.lora_A / lora_B (targeted by target_modules)"))
 
+  problems += _fan_in_fan_out_problem(config, per_path, target_of)
   inferred = {}
   if trace is not None:
     inferred = layout.infer_roles(trace, base, sorted(per_path))
@@ -244,12 +359,12 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
       missing.append((path, f"modules_to_save tensors for layers "
                             f"{sorted(set(range(n)) - set(layers))}"))
       continue
-    is_kernel = path.rsplit("/", 1)[-1] == "kernel"
+    layout = leaf_layout(path, target_of(path).layout)
     shape = tuple(w.shape[1:] if stacked else w.shape)
     vals = []
     for layer in (range(n) if stacked else [None]):
       x = to_numpy(tensors[layers[layer]])
-      v = leaf_from_torch(x, shape, is_kernel)
+      v = leaf_from_torch(x, shape, layout)
       if v is None:
         mismatched.append((path, layers[layer], f"torch {x.shape} does not convert to {shape}"))
         break
@@ -258,8 +373,16 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
       value = np.stack(vals) if stacked else vals[0]
       out[path] = Trainable(jnp.asarray(value, w.dtype), w)
 
-  if unexpected or missing or mismatched or problems:
-    raise ConversionError(
-        "load_peft_adapter", unexpected=unexpected, missing=missing,
-        other=problems + [f"{p} <- {m}: {why}" for p, m, why in mismatched])
+  problems += [f"{p} <- {m}: {why}" for p, m, why in mismatched]
+  if dry_run:
+    return PeftLoadReport(
+        loaded=[f"{p} <- {', '.join(sorted(per_path[p].values()))} (rank {x.rank}, "
+                f"scale {x.scale:g})" for p, x in out.items() if isinstance(x, LoraWeight)],
+        trained=[f"{p} <- {', '.join(sorted(trained[p].values()))}"
+                 for p, x in out.items() if isinstance(x, Trainable)],
+        skipped=skipped, missing=[f"{p} <- {k}" for p, k in missing],
+        unexpected=unexpected, problems=problems)
+  if unexpected or missing or problems:
+    raise ConversionError("load_peft_adapter", unexpected=unexpected, missing=missing,
+                          other=problems)
   return jax.tree_util.tree_unflatten(treedef, [out[p] for p, _ in leaves])

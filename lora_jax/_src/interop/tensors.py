@@ -85,27 +85,89 @@ def kernel_to_torch(k: np.ndarray, torch_shape: Sequence[int] | None = None) -> 
   return w
 
 
-def leaf_from_torch(w: np.ndarray, shape: tuple, is_kernel: bool) -> np.ndarray | None:
-  """Any leaf from its torch tensor: a kernel, as is, or reshaped from 1-D; None if none fits."""
-  if is_kernel and w.ndim >= 2:
-    return kernel_from_torch(w, shape)
+def _as_is(w: np.ndarray, shape: tuple) -> np.ndarray | None:
+  """``w`` itself, or reshaped when its axes merge or split in order into ``shape``."""
   if w.shape == shape:
     return w
   if w.ndim == 1 and w.size == np.prod(shape, dtype=int):
     return w.reshape(shape)
+  if w.ndim == 2 and _splits(shape, *w.shape) is not None:
+    return w.reshape(shape)
   return None
 
 
-def leaf_to_torch(x: np.ndarray, is_kernel: bool, torch_shape) -> np.ndarray:
-  """Any leaf as its torch tensor (``torch_shape`` when known); ValueError if it cannot be."""
-  if is_kernel and x.ndim >= 2:
+def leaf_from_torch(w: np.ndarray, shape: tuple, layout: str) -> np.ndarray | None:
+  """Any leaf from its torch tensor, or None if none fits.
+
+  Args:
+    w: the torch tensor (numpy).
+    shape: the Flax leaf's shape.
+    layout: ``"transposed"`` (a Linear / Conv weight; 1-D tensors as is),
+      ``"as_is"`` or ``"conv1d"`` (see ``lora_jax.interop.Rule``).
+
+  Example:
+    >>> import numpy as np
+    >>> w = np.arange(6.).reshape(2, 3)
+    >>> leaf_from_torch(w, (3, 2), "transposed").shape, leaf_from_torch(w, (2, 3), "conv1d").shape
+    ((3, 2), (2, 3))
+  """
+  if layout == "transposed" and w.ndim >= 2:
+    return kernel_from_torch(w, shape)
+  return _as_is(w, tuple(shape))
+
+
+def leaf_to_torch(x: np.ndarray, layout: str, torch_shape) -> np.ndarray:
+  """Any leaf as its torch tensor (``torch_shape`` when known); ValueError if it cannot be.
+
+  Example:
+    >>> import numpy as np
+    >>> leaf_to_torch(np.zeros((3, 2)), "transposed", None).shape
+    (2, 3)
+    >>> leaf_to_torch(np.zeros((4, 2, 3)), "conv1d", (4, 6)).shape
+    (4, 6)
+  """
+  if layout == "transposed" and x.ndim >= 2:
     return kernel_to_torch(x, torch_shape)
   if torch_shape is not None and tuple(torch_shape) != x.shape:
     if x.size != np.prod(torch_shape, dtype=int):
       raise ValueError(f"leaf of shape {x.shape} cannot be a torch tensor of "
                        f"shape {tuple(torch_shape)}")
     return x.reshape(torch_shape)
+  if layout == "conv1d" and x.ndim > 2:
+    raise ValueError(f"kernel of shape {x.shape} with layout 'conv1d' is ambiguous "
+                     "((in, out) split where?); pass shapes={torch_key: torch_shape}")
   return x
+
+
+def part_axis(layout: str) -> int:
+  """The torch output axis a fused tensor is sliced along: 0 for Linear weights, else -1."""
+  return 0 if layout == "transposed" else -1
+
+
+def take_part(w: np.ndarray, part: tuple[int, int], layout: str) -> np.ndarray | None:
+  """Slice ``i`` of ``n`` of a fused torch tensor along its output axis, or None.
+
+  Example:
+    >>> import numpy as np
+    >>> take_part(np.arange(6.), (1, 3), "as_is")
+    array([2., 3.])
+  """
+  i, n = part
+  axis = part_axis(layout) if w.ndim > 1 else 0
+  if w.shape[axis] % n:
+    return None
+  return np.split(w, n, axis=axis)[i]
+
+
+def mismatch_hint(w: np.ndarray, shape: tuple, layout: str) -> str:
+  """Why a torch tensor may not fit: another layout that would fit, if any."""
+  if layout == "transposed" and _as_is(w, shape) is not None:
+    return ("; it fits as stored, (in, out): a GPT-2 Conv1D weight? give its name-map "
+            "rule the layout 'conv1d'")
+  if layout != "transposed" and w.ndim >= 2 and kernel_from_torch(w, shape) is not None:
+    return ("; it fits transposed: a torch Linear (out, in) weight? give its name-map "
+            "rule the layout 'transposed' (or 'auto' for a leaf named kernel)")
+  return ""
 
 
 _TORCH_VIEWS = {  # torch dtypes numpy lacks: reinterpret the bits

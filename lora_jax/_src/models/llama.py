@@ -40,6 +40,9 @@ class LlamaConfig:
     head_dim: per-head width; ``hidden_size // num_attention_heads`` if None.
     attention_bias: q/k/v/o projections have biases.
     mlp_bias: gate/up/down projections have biases.
+    sliding_window: Mistral's local attention: a token attends to at most the
+      last ``sliding_window`` positions (itself included); None: all earlier
+      positions (Llama).
 
   Example:
     >>> cfg = LlamaConfig.tiny(scan_layers=True)
@@ -64,8 +67,12 @@ class LlamaConfig:
   head_dim: int | None = None
   attention_bias: bool = False
   mlp_bias: bool = False
+  sliding_window: int | None = None
 
   def __post_init__(self):
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ValueError(f"LlamaConfig: sliding_window={self.sliding_window} must be "
+                       ">= 1 (or None for full causal attention)")
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(
           f"LlamaConfig: num_attention_heads={self.num_attention_heads} must be "
@@ -92,7 +99,14 @@ class LlamaConfig:
 
   @classmethod
   def from_hf(cls, hf_config: Any, **overrides) -> "LlamaConfig":
-    """Build from a ``transformers.LlamaConfig`` or its ``config.json`` dict.
+    """Build from a ``transformers`` Llama / Mistral config or its ``config.json`` dict.
+
+    Every field that changes what the model computes is either honoured
+    (``head_dim``, ``attention_bias``, ``mlp_bias``, ``tie_word_embeddings``,
+    ``rope_theta``, Mistral's ``sliding_window``, ...) or refused by name:
+    another ``model_type``, ``hidden_act`` other than SiLU, rope scaling
+    (``rope_type`` other than ``default``, ``partial_rotary_factor``),
+    ``attention_dropout``, per-layer ``layer_types``.
 
     Args:
       hf_config: a transformers config object or a plain dict.
@@ -102,8 +116,8 @@ class LlamaConfig:
       A ``LlamaConfig``.
 
     Raises:
-      NotImplementedError: for a rope scaling type other than ``default``
-        or an activation other than SiLU.
+      NotImplementedError: naming every field (and value) the Flax model
+        does not implement.
 
     Example:
       >>> cfg = LlamaConfig.from_hf({"vocab_size": 64, "hidden_size": 32,
@@ -112,18 +126,25 @@ class LlamaConfig:
       ...     "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}})
       >>> cfg.rope_theta, cfg.num_key_value_heads
       (500000.0, 1)
+      >>> LlamaConfig.from_hf({"model_type": "qwen2"})
+      Traceback (most recent call last):
+      ...
+      NotImplementedError: LlamaConfig.from_hf: the Flax Llama does not implement this config:
+        model_type='qwen2': only 'llama' and 'mistral' are supported
     """
+    if not isinstance(hf_config, Mapping) and not hasattr(hf_config, "to_dict"):
+      raise TypeError("LlamaConfig.from_hf: expected a transformers config or a dict; "
+                      f"got {type(hf_config).__name__}")
     d = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
+    problems = _unsupported_hf_fields(d)
+    if problems:
+      raise NotImplementedError(
+          "LlamaConfig.from_hf: the Flax Llama does not implement this config:\n  "
+          + "\n  ".join(problems))
+    _check_hf_sizes(d)
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-      raise NotImplementedError(
-          f"LlamaConfig.from_hf: rope_type {rope_type!r} is not supported "
-          "(only 'default' rotary embeddings)")
-    if d.get("hidden_act", "silu") != "silu":
-      raise NotImplementedError(
-          f"LlamaConfig.from_hf: hidden_act {d['hidden_act']!r} is not supported")
     heads = d["num_attention_heads"]
+    window = d.get("sliding_window") if d.get("model_type") == "mistral" else None
     fields = dict(
         vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
         intermediate_size=d["intermediate_size"],
@@ -135,7 +156,8 @@ class LlamaConfig:
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         head_dim=d.get("head_dim"),
         attention_bias=bool(d.get("attention_bias", False)),
-        mlp_bias=bool(d.get("mlp_bias", False)))
+        mlp_bias=bool(d.get("mlp_bias", False)),
+        sliding_window=None if window is None else int(window))
     fields.update(overrides)
     return cls(**fields)
 
@@ -146,8 +168,13 @@ class LlamaConfig:
       >>> LlamaConfig.tiny().to_hf_dict()["model_type"]
       'llama'
     """
+    if self.sliding_window is not None and (self.attention_bias or self.mlp_bias):
+      raise ValueError("LlamaConfig.to_hf_dict: transformers has no model with both "
+                       "sliding_window (Mistral) and attention_bias / mlp_bias")
+    kind = "llama" if self.sliding_window is None else "mistral"
+    extra = {} if self.sliding_window is None else {"sliding_window": self.sliding_window}
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [f"{kind.capitalize()}ForCausalLM"], "model_type": kind, **extra,
         "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
         "intermediate_size": self.intermediate_size,
         "num_hidden_layers": self.num_hidden_layers,
@@ -162,6 +189,53 @@ class LlamaConfig:
         "attention_bias": self.attention_bias, "mlp_bias": self.mlp_bias,
         "torch_dtype": jnp.dtype(self.param_dtype).name,
     }
+
+
+_HF_MODEL_TYPES = ("llama", "mistral")
+_HF_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+             "num_attention_heads")
+
+
+def _check_hf_sizes(d: Mapping[str, Any]) -> None:
+  """The size fields must be present positive integers."""
+  bad = [f"{k}: missing" if k not in d else f"{k}={d[k]!r}: expected a positive integer"
+         for k in _HF_SIZES
+         if not (isinstance(d.get(k), int) and not isinstance(d.get(k), bool) and d[k] > 0)]
+  if bad:
+    raise ValueError("LlamaConfig.from_hf: invalid config fields:\n  " + "\n  ".join(bad))
+
+
+def _unsupported_hf_fields(d: Mapping[str, Any]) -> list[str]:
+  """``field=value: why`` for each HF config field the Flax Llama does not implement."""
+  problems = []
+  kind = d.get("model_type", "llama")
+  if kind not in _HF_MODEL_TYPES:
+    problems.append(f"model_type={kind!r}: only 'llama' and 'mistral' are supported")
+  rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type != "default":
+    problems.append(f"rope_type={rope_type!r}: only 'default' rotary embeddings "
+                    "(no rope scaling) are supported")
+  for where in (rope, d):
+    if where.get("partial_rotary_factor", 1.0) not in (1, 1.0, None):
+      problems.append(f"partial_rotary_factor={where['partial_rotary_factor']!r}: "
+                      "only full-width rotary embeddings are supported")
+      break
+  if d.get("hidden_act", "silu") != "silu":
+    problems.append(f"hidden_act={d['hidden_act']!r}: only 'silu' (SwiGLU) is supported")
+  if d.get("attention_dropout") not in (None, 0, 0.0):
+    problems.append(f"attention_dropout={d['attention_dropout']!r}: the Flax Llama "
+                    "has no attention dropout (set it to 0.0)")
+  if d.get("layer_types") and any(t != "full_attention" for t in d["layer_types"]):
+    problems.append(f"layer_types={d['layer_types']!r}: per-layer attention kinds "
+                    "are not supported")
+  if d.get("sliding_window") is not None and kind != "mistral":
+    problems.append(f"sliding_window={d['sliding_window']!r} with model_type={kind!r}: "
+                    "sliding windows are read only for model_type 'mistral'")
+  if kind == "mistral":
+    problems += [f"{k}={d[k]!r} with model_type='mistral': transformers' Mistral has "
+                 "no such biases" for k in ("attention_bias", "mlp_bias") if d.get(k)]
+  return problems
 
 
 def rotary(x: Array, positions: Array, theta: float) -> Array:
@@ -284,7 +358,7 @@ class Llama(nn.Module):
     b, t = input_ids.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+    mask = jnp.broadcast_to(_causal_mask(t, cfg.sliding_window), (b, t, t))
     if attention_mask is not None:
       mask = mask & attention_mask.astype(bool)[:, None, :]
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
@@ -305,6 +379,12 @@ class Llama(nn.Module):
     if cfg.tie_word_embeddings:
       return embed.attend(x)
     return _dense(cfg, cfg.vocab_size, False, "lm_head")(x)
+
+
+def _causal_mask(t: int, window: int | None) -> Array:
+  """``(T, T)``: query i sees key j when j <= i (and i - j < window)."""
+  i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+  return (j <= i) if window is None else (j <= i) & (i - j < window)
 
 
 def init_params(config: LlamaConfig, key: Array | None = None, *,

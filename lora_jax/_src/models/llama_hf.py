@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src.interop.convert import pack_state_dict, unpack_state_dict
-from lora_jax._src.interop.files import read_state_dict, write_state_dict
+from lora_jax._src.interop.files import read_json, read_state_dict, write_state_dict
 from lora_jax._src.interop.names import as_name_map
 from lora_jax._src.models.llama import LlamaConfig, init_params
 
@@ -110,8 +110,11 @@ def load_hf_llama(source: str | os.PathLike | Mapping[str, Any],
     if not os.path.exists(cfg_file):
       raise FileNotFoundError(f"load_hf_llama: no config.json next to {path}; "
                               "pass config=LlamaConfig(...)")
-    with open(cfg_file) as f:
-      config = LlamaConfig.from_hf(json.load(f), **overrides)
+    hf = read_json(cfg_file, "load_hf_llama")
+    try:
+      config = LlamaConfig.from_hf(hf, **overrides)
+    except (ValueError, TypeError, NotImplementedError) as e:
+      raise type(e)(f"{cfg_file}: {e}") from e
   elif overrides:
     config = config.replace(**overrides)
   state = source if isinstance(source, Mapping) else read_state_dict(source)
