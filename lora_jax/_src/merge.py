@@ -52,7 +52,8 @@ def _fold(w, lw: LoraWeight, sign: float):
     return _fold_fused(w, lw, sign)
   if lw.roles[0] == "s":  # stacked layers: one layer's ΔW at a time, in place
     def one(i, acc):
-      layer = lw.replace(a=lw.a[i], b=lw.b[i], roles=lw.roles[1:], scale=sign * lw.scale)
+      layer = lw.replace(w=None, a=lw.a[i], b=lw.b[i], roles=lw.roles[1:],
+                         scale=sign * lw.scale)
       d = delta(layer)[None]
       start = (i,) + (0,) * (w.ndim - 1)
       old = jax.lax.dynamic_slice(acc, start, d.shape)
