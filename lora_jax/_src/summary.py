@@ -51,6 +51,11 @@ def summary(params: Params) -> Summary:
   rows = []
   for path, x in tree.flatten(params, is_leaf=is_node)[0]:
     if isinstance(x, LoraWeight):
+      if x.w is None:
+        raise ValueError(
+            f"summary: {path} is a LoraWeight without its base kernel (w=None), as "
+            "in lj.adapter(...) or a loaded adapter; summarise the params with the "
+            "adapter on: lj.summary(lj.attach(base_params, adapter))")
       n = int(np.size(x.a) + np.size(x.b))
       trainable += n
       total += n + int(np.size(x.w))

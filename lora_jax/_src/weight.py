@@ -156,12 +156,13 @@ def factor_problems(w, a, b, roles: str) -> list[str]:
   return problems
 
 
-def _describe(x) -> str:
-  """``float32[4, 3] array`` / ``dict`` / ... for error messages."""
+def describe(x) -> str:
+  """``an array float32[4, 3]`` / ``a dict`` / ... for error messages."""
   shape, dtype = _concrete_shape(x), getattr(x, "dtype", None)
   if shape is not None and dtype is not None and not isinstance(x, _NotAnArray):
-    return f"a {type(x).__name__} {np.dtype(dtype).name}{list(shape)}"
-  return f"a {type(x).__name__}"
+    return f"an array {np.dtype(dtype).name}{list(shape)}"
+  name = type(x).__name__
+  return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
 def check_factors(lw: "LoraWeight", where: str) -> None:
@@ -352,7 +353,7 @@ def delta(lw: LoraWeight, dtype=jnp.float32) -> jax.Array:
   """
   if not isinstance(lw, LoraWeight):
     raise TypeError(
-        f"delta: expected one LoraWeight node, got {_describe(lw)}. Pass a node "
+        f"delta: expected one LoraWeight node, got {describe(lw)}. Pass a node "
         "of the params from lora_init, e.g. lj.delta(lparams['dense']['kernel']); "
         "for every kernel at once use lj.merge(lparams) (W + ΔW).")
   check_factors(lw, "delta")
