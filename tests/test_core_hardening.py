@@ -355,3 +355,19 @@ def test_split_and_optimizer_of_plain_params_or_swapped_arguments():
                                       r"as optax.adamw\(1e-3\), got a dict \(the call is "
                                       r"lj.optimizer\(tx, params\)\)"):
     lj.optimizer(_lp(), optax.adam(1e-3))
+
+
+def test_shape_and_rank_of_a_node_without_that_array():
+  lp = _lp(rank=2)
+  t, f = lj.split(lp)
+  assert t["d0"]["kernel"].rank == 2 and f["d0"]["kernel"].shape == (4, 3)
+  assert lj.adapter(lp)["d0/kernel"].rank == 2
+  with pytest.raises(AttributeError, match=r"LoraWeight.shape is not known: this node's w is None, "
+                                           r"not an array \(an adapter alone from lj.adapter\(...\) "
+                                           r"has w=None; the halves of lj.split\(...\) have None"):
+    t["d0"]["kernel"].shape
+  with pytest.raises(AttributeError, match=r"LoraWeight.rank is not known: this node's a is None"):
+    f["d0"]["kernel"].rank
+  with pytest.raises(AttributeError, match=r"LoraWeight.dtype is not known: this node's w is a str"):
+    lj.labels(lp)["d0"]["kernel"].dtype
+  assert getattr(t["d0"]["kernel"], "shape", None) is None

@@ -89,6 +89,9 @@ class _NotAnArray:
 
   def __getattr__(self, name: str):
     # only reached when normal lookup fails (so slots / properties win)
+    prop = getattr(type(self), name, None)
+    if isinstance(prop, property):  # it raised AttributeError: raise that again
+      return prop.fget(self)
     if name in _ARRAY_ATTRS:
       raise _outside_lora(self._kind, f"`.{name}`")
     raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
@@ -161,6 +164,8 @@ def describe(x) -> str:
   shape, dtype = _concrete_shape(x), getattr(x, "dtype", None)
   if shape is not None and dtype is not None and not isinstance(x, _NotAnArray):
     return f"an array {np.dtype(dtype).name}{list(shape)}"
+  if x is None:
+    return "None"
   name = type(x).__name__
   return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
@@ -251,11 +256,11 @@ class LoraWeight(_NotAnArray):
 
   @property
   def shape(self) -> tuple[int, ...]:
-    return tuple(self.w.shape)
+    return tuple(self._array("w", "shape").shape)
 
   @property
   def dtype(self):
-    return self.w.dtype
+    return self._array("w", "dtype").dtype
 
   @property
   def ndim(self) -> int:
@@ -263,7 +268,20 @@ class LoraWeight(_NotAnArray):
 
   @property
   def rank(self) -> int:
-    return int(self.a.shape[-1])
+    if getattr(self.a, "shape", None) is None and getattr(self.b, "shape", None) is not None:
+      return int(self.b.shape[self.roles.count("s")])
+    return int(self._array("a", "rank").shape[-1])
+
+  def _array(self, name: str, attr: str):
+    """Field ``name``, or an AttributeError saying why ``attr`` is unknown."""
+    x = getattr(self, name)
+    if getattr(x, "shape", None) is None or (attr == "dtype" and not hasattr(x, "dtype")):
+      raise AttributeError(
+          f"LoraWeight.{attr} is not known: this node's {name} is {describe(x)}, not "
+          "an array (an adapter alone from lj.adapter(...) has w=None; the halves "
+          "of lj.split(...) have None in the other half's places; lj.labels(...) "
+          "holds strings)")
+    return x
 
   def __repr__(self) -> str:
     def desc(x):
