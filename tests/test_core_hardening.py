@@ -241,14 +241,16 @@ def test_merge_refuses_inconsistent_factors_naming_the_path():
 
 def test_adapter_alone_where_params_are_expected():
   ad = lj.adapter(_lp(trainable="d0/bias"))
-  hint = (r"d0/kernel: a LoraWeight without its base kernel \(w=None\), as in lj.adapter\(...\) "
-          r"or a loaded adapter; put it on the base params first: lj.attach\(base_params, adapter\)")
+  hint = (r"d0/kernel: a LoraWeight without its base kernel \(w=None\), as in lj.adapter\(...\), "
+          r"a loaded adapter or the trainable half of lj.split\(...\); put it on the base params "
+          r"first: lj.attach\(base_params, adapter\) \(or join split halves with "
+          r"lj.combine\(trainable, frozen\)\)")
   for fn, name in ((lj.merge, "merge"), (lj.base, "base")):
     with pytest.raises(ValueError, match=f"{name}: the params hold LoRA nodes that cannot be used:"
                                          rf"\n  d0/bias: a Trainable leaf without its base.*\n  {hint}"):
       fn(ad)
-  with pytest.raises(ValueError, match=r"summary: d0/kernel is a LoraWeight without its base "
-                                       r"kernel \(w=None\).*lj.summary\(lj.attach\(base_params, adapter\)\)"):
+  with pytest.raises(ValueError, match=r"summary: the params hold LoRA nodes that cannot be counted:"
+                                       rf"\n  {hint}"):
     lj.summary(ad)
   with pytest.raises(ValueError, match=r"attach: the params hold LoRA nodes"):
     lj.attach(ad, ad)
@@ -371,3 +373,20 @@ def test_shape_and_rank_of_a_node_without_that_array():
   with pytest.raises(AttributeError, match=r"LoraWeight.dtype is not known: this node's w is a str"):
     lj.labels(lp)["d0"]["kernel"].dtype
   assert getattr(t["d0"]["kernel"], "shape", None) is None
+
+
+def test_one_half_of_split_where_params_are_expected():
+  t, f = lj.split(_lp(trainable="d0/bias"))
+  half = (r"d0/kernel: the LoraWeight's a is None, not an array \(one half of lj.split\(...\)\? "
+          r"join the halves with lj.combine\(trainable, frozen\)\)")
+  with pytest.raises(ValueError, match=r"merge: the params hold LoRA nodes that cannot be used:\n"
+                                       r"  d0/bias: the Trainable leaf's value is None, not an array.*\n"
+                                       rf"  {half}"):
+    lj.merge(f)
+  with pytest.raises(ValueError, match=r"summary: the params hold LoRA nodes that cannot be counted:"
+                                       rf"\n  d0/bias: .*\n  {half}"):
+    lj.summary(f)
+  with pytest.raises(ValueError, match=r"delta: inconsistent LoraWeight: the LoraWeight's a is None"):
+    lj.delta(f["d0"]["kernel"])
+  with pytest.raises(ValueError, match=r"(?s)merge: .*\n  d0/kernel: a LoraWeight without its base kernel"):
+    lj.merge(t)

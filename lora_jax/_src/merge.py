@@ -7,8 +7,8 @@ import jax.numpy as jnp
 
 from lora_jax._src import tree
 from lora_jax._src.types import Params
-from lora_jax._src.weight import (LoraWeight, Trainable, delta, describe, factor_problems,
-                                  factor_shapes, is_node)
+from lora_jax._src.weight import (LoraWeight, Trainable, delta, describe, factor_shapes,
+                                  is_node, node_problems)
 
 Adapter = dict  # {path: LoraWeight(w=None, a, b, ...) | Trainable(value, base=None)}
 
@@ -65,24 +65,9 @@ def _fold(w, lw: LoraWeight, sign: float):
   return (w.astype(jnp.float32) + d).astype(w.dtype)
 
 
-def _node_problems(path: str, x) -> list[str]:
-  """Why node ``x`` at ``path`` cannot be merged / stripped ([] if it can)."""
-  if isinstance(x, LoraWeight):
-    if x.w is None:
-      return [f"{path}: a LoraWeight without its base kernel (w=None), as in "
-              "lj.adapter(...) or a loaded adapter; put it on the base params "
-              "first: lj.attach(base_params, adapter)"]
-    return [f"{path}: {p}" for p in factor_problems(x.w, x.a, x.b, x.roles)]
-  if isinstance(x, Trainable) and x.base is None:
-    return [f"{path}: a Trainable leaf without its base value (base=None), as in "
-            "lj.adapter(...); put it on the base params first: "
-            "lj.attach(base_params, adapter)"]
-  return []
-
-
-def _check_nodes(what: str, leaves) -> None:
+def _check_nodes(what: str, leaves, need=("w", "a", "b", "value", "base")) -> None:
   """Raise one ValueError listing every node of ``leaves`` that is unusable."""
-  errors = [e for path, x in leaves for e in _node_problems(path, x)]
+  errors = [e for path, x in leaves for e in node_problems(path, x, need)]
   if errors:
     raise ValueError(f"{what}: the params hold LoRA nodes that cannot be used:\n  "
                      + "\n  ".join(errors))
@@ -142,8 +127,7 @@ def base(params: Params) -> Params:
 
 def _base(params: Params, what: str) -> Params:
   leaves, treedef = tree.flatten(params, is_leaf=is_node)
-  _check_nodes(what, [(p, x) for p, x in leaves if is_node(x)
-                      and (x.w if isinstance(x, LoraWeight) else x.base) is None])
+  _check_nodes(what, leaves, need=("w", "base"))
   out = [x.w if isinstance(x, LoraWeight) else x.base if isinstance(x, Trainable)
          else x for _, x in leaves]
   return jax.tree_util.tree_unflatten(treedef, out)
@@ -190,20 +174,12 @@ def _check_adapter(adapter: Any, what: str) -> None:
          if not isinstance(k, str) or not is_node(v)]
   if bad:
     hint = (" (these look like nested params: call lj.adapter(...) on them first)"
-            if any(isinstance(v, dict) or is_node(v) for v in adapter.values()) else "")
+            if any(isinstance(v, Mapping) for v in adapter.values()) else "")
     raise TypeError(f"{what}: the adapter maps each path to a LoraWeight or "
                     f"Trainable, but holds {', '.join(bad[:4])}"
                     f"{' ...' if len(bad) > 4 else ''}{hint}. {fix}")
-  errors = []
-  for path, item in adapter.items():
-    if isinstance(item, LoraWeight):
-      if any(getattr(x, "shape", None) is None for x in (item.a, item.b)):
-        errors.append(f"{path}: the adapter's factors are not arrays "
-                      f"(a: {describe(item.a)}, b: {describe(item.b)})")
-      else:
-        errors += [f"{path}: {p}" for p in factor_problems(None, item.a, item.b, item.roles)]
-    elif getattr(item.value, "shape", None) is None:
-      errors.append(f"{path}: the Trainable's value is {describe(item.value)}, not an array")
+  errors = [e for path, item in adapter.items()
+            for e in node_problems(path, item, ("a", "b", "value"))]
   if errors:
     raise ValueError(f"{what}: the adapter is inconsistent:\n  " + "\n  ".join(errors))
 
@@ -229,7 +205,7 @@ def _check_fits(path: str, leaf: Any, item) -> None:
 
 
 def _apply(params: Params, adapter: Adapter, fn, what: str) -> Params:
-  _check_adapter(adapter, what)
+  """``fn(path, leaf, item)`` at each adapter path; ``adapter`` already checked."""
   leaves, treedef = tree.flatten(params, is_leaf=is_node)
   paths = {p for p, _ in leaves}
   missing = sorted(set(adapter) - paths)

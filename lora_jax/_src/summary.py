@@ -6,7 +6,7 @@ import numpy as np
 
 from lora_jax._src import tree
 from lora_jax._src.types import Params
-from lora_jax._src.weight import LoraWeight, Trainable, is_node
+from lora_jax._src.weight import LoraWeight, Trainable, is_node, node_problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +49,13 @@ def summary(params: Params) -> Summary:
   """
   trainable = total = 0
   rows = []
-  for path, x in tree.flatten(params, is_leaf=is_node)[0]:
+  leaves = tree.flatten(params, is_leaf=is_node)[0]
+  problems = [e for path, x in leaves for e in node_problems(path, x, ("w", "a", "b", "value"))]
+  if problems:
+    raise ValueError("summary: the params hold LoRA nodes that cannot be counted:\n  "
+                     + "\n  ".join(problems))
+  for path, x in leaves:
     if isinstance(x, LoraWeight):
-      if x.w is None:
-        raise ValueError(
-            f"summary: {path} is a LoraWeight without its base kernel (w=None), as "
-            "in lj.adapter(...) or a loaded adapter; summarise the params with the "
-            "adapter on: lj.summary(lj.attach(base_params, adapter))")
       n = int(np.size(x.a) + np.size(x.b))
       trainable += n
       total += n + int(np.size(x.w))

@@ -170,11 +170,45 @@ def describe(x) -> str:
   return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
 
 
+_ALONE = ("{path}: a {kind} without its {what} ({name}=None), as in lj.adapter(...), "
+          "a loaded adapter or the trainable half of lj.split(...); put it on the base "
+          "params first: lj.attach(base_params, adapter) (or join split halves with "
+          "lj.combine(trainable, frozen))")
+
+
+def node_problems(path: str, x, need=("w", "a", "b", "value", "base")) -> list[str]:
+  """Why node ``x`` at ``path`` is unusable when its fields ``need`` are read.
+
+  ``[]`` for a plain leaf or a usable node. A field that is not an array is
+  reported (``w=None``: an adapter alone; ``None`` elsewhere: a half of
+  ``split``), then the factors' shapes.
+  """
+  if not is_node(x):
+    return []
+  kind = "LoraWeight" if isinstance(x, LoraWeight) else "Trainable leaf"
+  fields = ("w", "a", "b") if isinstance(x, LoraWeight) else ("value", "base")
+  problems = []
+  for name in (f for f in fields if f in need):
+    value = getattr(x, name)
+    if value is None and name in ("w", "base"):
+      what = "base kernel" if name == "w" else "base value"
+      problems.append(_ALONE.format(path=path, kind=kind, what=what, name=name))
+    elif getattr(value, "shape", None) is None:
+      problems.append(f"{path}: the {kind}'s {name} is {describe(value)}, not an array "
+                      "(one half of lj.split(...)? join the halves with "
+                      "lj.combine(trainable, frozen))")
+  if not problems and isinstance(x, LoraWeight):
+    w = x.w if "w" in need else None
+    problems = [f"{path}: {p}" for p in factor_problems(w, x.a, x.b, x.roles)]
+  return problems
+
+
 def check_factors(lw: "LoraWeight", where: str) -> None:
   """Raise a ValueError naming ``where`` if ``lw``'s factors do not fit."""
-  problems = factor_problems(lw.w, lw.a, lw.b, lw.roles)
+  problems = node_problems(where, lw, ("a", "b"))
   if problems:
-    raise ValueError(f"{where}: inconsistent LoraWeight: " + "; ".join(problems)
+    raise ValueError(f"{where}: inconsistent LoraWeight: " + "; ".join(
+        p.removeprefix(f"{where}: ") for p in problems)
                      + ". a must have shape stack + in + (rank,) and b "
                      "stack + (rank,) + out, with the axes of w named by roles "
                      "(see lora_jax.LoraWeight).")
