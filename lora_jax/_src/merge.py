@@ -205,7 +205,7 @@ def _check_fits(path: str, leaf: Any, item) -> None:
 
 
 def _apply(params: Params, adapter: Adapter, fn, what: str) -> Params:
-  """``fn(path, leaf, item)`` at each adapter path; ``adapter`` already checked."""
+  """``fn(leaf, item)`` at each adapter path; ``adapter`` already checked."""
   leaves, treedef = tree.flatten(params, is_leaf=is_node)
   paths = {p for p, _ in leaves}
   missing = sorted(set(adapter) - paths)
@@ -215,7 +215,7 @@ def _apply(params: Params, adapter: Adapter, fn, what: str) -> Params:
     if path in adapter:
       try:
         _check_fits(path, x, adapter[path])
-        x = fn(path, x, adapter[path])
+        x = fn(x, adapter[path])
       except ValueError as e:
         errors.append(str(e))
     out.append(x)
@@ -240,8 +240,7 @@ def attach(base_params: Params, adapter: Adapter) -> Params:
     >>> type(lj.attach(w, lj.adapter(p))["kernel"]).__name__
     'LoraWeight'
   """
-  def put(path, leaf, item):
-    del path
+  def put(leaf, item):
     if isinstance(item, Trainable):
       return Trainable(jnp.asarray(item.value).astype(leaf.dtype), leaf)
     return item.replace(w=leaf)
@@ -263,10 +262,8 @@ def unmerge(merged: Params, adapter: Adapter) -> Params:
     >>> bool(jnp.allclose(back["kernel"], w["kernel"]))
     True
   """
-  def sub(path, leaf, item):
-    if isinstance(item, Trainable):
-      return leaf
-    return _fold(leaf, item, -1.0)
+  def sub(leaf, item):
+    return leaf if isinstance(item, Trainable) else _fold(leaf, item, -1.0)
   _check_adapter(adapter, "unmerge")
   nodes = [p for p, x in tree.flatten(merged, is_leaf=is_node)[0] if is_node(x)]
   if nodes:
