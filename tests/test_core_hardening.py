@@ -228,6 +228,10 @@ def test_delta_errors():
   with pytest.raises(ValueError, match=r"delta: inconsistent LoraWeight: a has rank 2 \(its last "
                                        r"axis, shape \(4, 2\)\) but b has rank 1"):
     lj.delta(bad)
+  bad = _unchecked(jnp.ones((4, 3)), jnp.ones((5, 1)), jnp.ones((1, 3)))
+  with pytest.raises(ValueError, match=r"delta: inconsistent LoraWeight: a has shape \(5, 1\); w of "
+                                       r"shape \(4, 3\) with roles 'io' needs a of shape \(4, 1\)"):
+    lj.delta(bad)
 
 
 def test_merge_refuses_inconsistent_factors_naming_the_path():

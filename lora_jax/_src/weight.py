@@ -197,9 +197,8 @@ def node_problems(path: str, x, need=("w", "a", "b", "value", "base")) -> list[s
       problems.append(f"{path}: the {kind}'s {name} is {describe(value)}, not an array "
                       "(one half of lj.split(...)? join the halves with "
                       "lj.combine(trainable, frozen))")
-  if not problems and isinstance(x, LoraWeight):
-    w = x.w if "w" in need else None
-    problems = [f"{path}: {p}" for p in factor_problems(w, x.a, x.b, x.roles)]
+  if not problems and isinstance(x, LoraWeight):  # w is checked too when it is an array
+    problems = [f"{path}: {p}" for p in factor_problems(x.w, x.a, x.b, x.roles)]
   return problems
 
 
