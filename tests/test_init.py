@@ -86,7 +86,7 @@ def test_layouts_from_config():
     (dict(rank=True), "rank must be int"),
     (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
     (dict(init="xavier"), "init must be one of"),
-    (dict(rank_pattern={"x": 0}), r"rank_pattern\['x'\] must be > 0"),
+    (dict(rank_pattern={"x": 0}), r"rank_pattern\['x'\] must be a positive int, got 0"),
     (dict(targets="(unclosed"), "not a valid regex"),
     (dict(targets=3), "must be a regex string"),
     (dict(layouts={"k": "xy"}), "layouts.*must be a string of 's', 'i', 'o'"),

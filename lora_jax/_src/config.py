@@ -2,10 +2,12 @@
 
 import dataclasses
 import math
+import numbers
 import re
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src.types import Spec
@@ -21,10 +23,76 @@ def _static(name: str, value: Any, kinds: tuple) -> None:
     raise TypeError(
         f"LoraConfig.{name} must be a static Python value, got a traced value "
         f"{value}. Build the config outside jax.jit / jax.grad.")
-  if isinstance(value, bool) or not isinstance(value, kinds):
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, kinds):
+    names = {numbers.Integral: "int", numbers.Real: "a real number"}
     raise TypeError(
-        f"LoraConfig.{name} must be {' or '.join(k.__name__ for k in kinds)}, "
+        f"LoraConfig.{name} must be {' or '.join(names.get(k, k.__name__) for k in kinds)}, "
         f"got {type(value).__name__} {value!r}")
+
+
+def _positive_int(name: str, value: Any) -> int:
+  _static(name, value, (numbers.Integral,))
+  if value <= 0:
+    raise ValueError(f"LoraConfig.{name} must be a positive int, got {value}")
+  return int(value)
+
+
+def _real(name: str, value: Any) -> float | int:
+  """A static real number, as a Python int / float (numpy scalars converted)."""
+  _static(name, value, (numbers.Real,))
+  return value if type(value) in (int, float) else float(value)
+
+
+def _positive_real(name: str, value: Any) -> float | int:
+  value = _real(name, value)
+  if not math.isfinite(value) or value <= 0:
+    raise ValueError(f"LoraConfig.{name} must be a finite number > 0, got {value!r}"
+                     + (" (alpha=0 would turn the adapter off)" if value == 0 else ""))
+  return value
+
+
+def _regex(name: str, pattern: Any) -> re.Pattern:
+  if not isinstance(pattern, str):
+    raise TypeError(f"LoraConfig.{name}: keys must be regex strings, got "
+                    f"{type(pattern).__name__} {pattern!r}")
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"LoraConfig.{name}: {pattern!r} is not a valid regex: {e}") from e
+
+
+def _pattern_map(name: str, value: Any, check) -> dict | None:
+  """Validate a ``{regex: value}`` field: ``{regex: checked value}``."""
+  if value is None:
+    return None
+  if not isinstance(value, Mapping):
+    raise TypeError(f"LoraConfig.{name} must be a dict {{regex: value}} or None, "
+                    f"got {type(value).__name__} {value!r}")
+  for k in value:
+    _regex(name, k)
+  return {k: check(f"{name}[{k!r}]", v) for k, v in value.items()}
+
+
+def _roles(name: str, roles: Any) -> str:
+  if not isinstance(roles, str) or not set(roles) <= ROLES or not (
+      "i" in roles and "o" in roles):
+    raise ValueError(
+        f"LoraConfig.{name} must be a string of 's', 'i', 'o' with at least one "
+        f"'i' and one 'o' (e.g. 'io', 'sio'); got {roles!r}")
+  return roles
+
+
+def _float_dtype(value: Any) -> None:
+  if value is None:
+    return
+  try:
+    dtype = np.dtype(value)
+  except TypeError as e:
+    raise TypeError(f"LoraConfig.dtype must be a floating dtype such as jnp.float32 "
+                    f"or jnp.bfloat16 (or None: the kernel's), got {value!r}") from e
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"LoraConfig.dtype must be a floating dtype such as jnp.float32 "
+                     f"or jnp.bfloat16 (or None: the kernel's), got {dtype.name}")
 
 
 def matcher(spec: Spec, name: str) -> Callable[[str, Any], bool]:
@@ -41,18 +109,17 @@ def matcher(spec: Spec, name: str) -> Callable[[str, Any], bool]:
     return spec
   if isinstance(spec, str):
     spec = [spec]
-  if not isinstance(spec, (list, tuple)) or not all(isinstance(s, str) for s in spec):
+  if not isinstance(spec, (list, tuple)):
     raise TypeError(f"LoraConfig.{name} must be a regex string, a list of regex "
-                    f"strings or a callable (path, leaf) -> bool; got {spec!r}")
+                    f"strings or a callable (path, leaf) -> bool; got "
+                    f"{type(spec).__name__} {spec!r}")
   patterns = []
   for s in spec:
-    if s == ALL_LINEAR:
-      patterns.append(None)
-      continue
-    try:
-      patterns.append(re.compile(s))
-    except re.error as e:
-      raise ValueError(f"LoraConfig.{name}: {s!r} is not a valid regex: {e}") from e
+    if not isinstance(s, str):
+      raise TypeError(f"LoraConfig.{name} must be a regex string, a list of regex "
+                      f"strings or a callable (path, leaf) -> bool; the list holds "
+                      f"{type(s).__name__} {s!r}")
+    patterns.append(None if s == ALL_LINEAR else _regex(name, s))
 
   def match(path: str, leaf: Any) -> bool:
     for p in patterns:
@@ -65,9 +132,9 @@ def matcher(spec: Spec, name: str) -> Callable[[str, Any], bool]:
   return match
 
 
-def _pattern_lookup(patterns: Mapping[str, Any] | None, path: str):
+def _pattern_lookup(patterns: Mapping[re.Pattern, Any] | None, path: str):
   for pattern, value in (patterns or {}).items():
-    if re.fullmatch(pattern, path):
+    if pattern.fullmatch(path):
       return value
   return None
 
@@ -103,6 +170,10 @@ class LoraConfig:
       o = output). Without it, 2-D kernels are ``"io"`` and other kernels need
       it or ``lora_init(..., trace=fn)``.
 
+  Every field is checked at construction: a wrong type, a value out of range
+  (``alpha`` must be finite and > 0, ``dropout`` in [0, 1)) or a bad regex
+  raises a ``TypeError`` / ``ValueError`` naming the field (and pattern key).
+
   Example:
     >>> import lora_jax as lj
     >>> cfg = lj.LoraConfig(rank=4, alpha=8, targets=r".*/(query|value)/kernel")
@@ -124,38 +195,43 @@ class LoraConfig:
   layouts: Mapping[str, str] | None = None
 
   def __post_init__(self):
-    _static("rank", self.rank, (int,))
-    if self.rank <= 0:
-      raise ValueError(f"LoraConfig.rank must be a positive int, got {self.rank}")
+    # every field checked once, here (each error names the field); the regex
+    # fields are compiled once and kept: selects / *_for run for every leaf
+    fix = lambda name, value: object.__setattr__(self, name, value)
+    fix("rank", _positive_int("rank", self.rank))
     if self.alpha is not None:
-      _static("alpha", self.alpha, (int, float))
-    _static("dropout", self.dropout, (int, float))
+      fix("alpha", _positive_real("alpha", self.alpha))
+    fix("dropout", _real("dropout", self.dropout))
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
-    if self.init not in INITS:
+    if isinstance(self.rslora, np.bool_):
+      fix("rslora", bool(self.rslora))
+    if not isinstance(self.rslora, bool):
+      raise TypeError(f"LoraConfig.rslora must be True or False, got "
+                      f"{type(self.rslora).__name__} {self.rslora!r}")
+    if not isinstance(self.init, str) or self.init not in INITS:
       raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
-    for name, kinds in (("rank_pattern", (int,)), ("alpha_pattern", (int, float))):
-      for pattern, value in (getattr(self, name) or {}).items():
-        _static(f"{name}[{pattern!r}]", value, kinds)
-        if value <= 0:
-          raise ValueError(f"LoraConfig.{name}[{pattern!r}] must be > 0, got {value}")
-    for pattern, roles in (self.layouts or {}).items():
-      if not isinstance(roles, str) or not set(roles) <= ROLES or not (
-          "i" in roles and "o" in roles):
-        raise ValueError(
-            f"LoraConfig.layouts[{pattern!r}] must be a string of 's', 'i', 'o' "
-            f"with at least one 'i' and one 'o' (e.g. 'io', 'sio'); got {roles!r}")
-    # validated once, and kept: selects / trains run for every leaf
+    _float_dtype(self.dtype)
+    checks = {"rank_pattern": _positive_int, "alpha_pattern": _positive_real,
+              "layouts": _roles}
+    patterns = {}
+    for name, check in checks.items():
+      value = _pattern_map(name, getattr(self, name), check)
+      if value is not None:
+        fix(name, value)
+        value = {re.compile(k): v for k, v in value.items()}
+      patterns[name] = value
+    object.__setattr__(self, "_patterns", patterns)
     object.__setattr__(self, "_match", {
         name: matcher(getattr(self, name), name)
         for name in ("targets", "exclude", "trainable")})
 
   def rank_for(self, path: str) -> int:
-    value = _pattern_lookup(self.rank_pattern, path)
+    value = _pattern_lookup(self._patterns["rank_pattern"], path)
     return self.rank if value is None else value
 
   def alpha_for(self, path: str) -> float:
-    value = _pattern_lookup(self.alpha_pattern, path)
+    value = _pattern_lookup(self._patterns["alpha_pattern"], path)
     if value is not None:
       return float(value)
     return float(self.rank_for(path) if self.alpha is None else self.alpha)
@@ -165,7 +241,7 @@ class LoraConfig:
     return self.alpha_for(path) / (math.sqrt(r) if self.rslora else r)
 
   def layout_for(self, path: str) -> str | None:
-    return _pattern_lookup(self.layouts, path)
+    return _pattern_lookup(self._patterns["layouts"], path)
 
   def selects(self, path: str, leaf: Any) -> bool:
     return self._match["targets"](path, leaf) and not self._match["exclude"](path, leaf)
@@ -178,10 +254,10 @@ class LoraConfig:
     out = {}
     for f in dataclasses.fields(self):
       v = getattr(self, f.name)
-      if callable(v):
-        v = repr(v)
-      elif f.name == "dtype" and v is not None:
+      if f.name == "dtype" and v is not None:  # before callable: jnp.float32 is a class
         v = np.dtype(v).name
+      elif callable(v):
+        v = repr(v)
       elif isinstance(v, tuple):
         v = list(v)
       elif isinstance(v, Mapping):

@@ -1,13 +1,14 @@
 """merge / unmerge / base, and the adapter view: adapter / attach."""
 
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from lora_jax._src import tree
 from lora_jax._src.types import Params
-from lora_jax._src.weight import LoraWeight, Trainable, delta, factor_shapes, is_node
+from lora_jax._src.weight import (LoraWeight, Trainable, delta, describe, factor_shapes,
+                                  is_node, node_problems)
 
 Adapter = dict  # {path: LoraWeight(w=None, a, b, ...) | Trainable(value, base=None)}
 
@@ -52,7 +53,8 @@ def _fold(w, lw: LoraWeight, sign: float):
     return _fold_fused(w, lw, sign)
   if lw.roles[0] == "s":  # stacked layers: one layer's ΔW at a time, in place
     def one(i, acc):
-      layer = lw.replace(a=lw.a[i], b=lw.b[i], roles=lw.roles[1:], scale=sign * lw.scale)
+      layer = lw.replace(w=None, a=lw.a[i], b=lw.b[i], roles=lw.roles[1:],
+                         scale=sign * lw.scale)
       d = delta(layer)[None]
       start = (i,) + (0,) * (w.ndim - 1)
       old = jax.lax.dynamic_slice(acc, start, d.shape)
@@ -61,6 +63,14 @@ def _fold(w, lw: LoraWeight, sign: float):
     return jax.lax.fori_loop(0, w.shape[0], one, w)
   d = delta(lw.replace(w=w, scale=sign * lw.scale))  # the one ΔW-sized temp
   return (w.astype(jnp.float32) + d).astype(w.dtype)
+
+
+def _check_nodes(what: str, leaves, need=("w", "a", "b", "value", "base")) -> None:
+  """Raise one ValueError listing every node of ``leaves`` that is unusable."""
+  errors = [e for path, x in leaves for e in node_problems(path, x, need)]
+  if errors:
+    raise ValueError(f"{what}: the params hold LoRA nodes that cannot be used:\n  "
+                     + "\n  ".join(errors))
 
 
 def merge(params: Params) -> Params:
@@ -76,9 +86,10 @@ def merge(params: Params) -> Params:
     >>> lj.merge(p)["kernel"].shape
     (4, 3)
   """
-  leaves, treedef = jax.tree.flatten(params, is_leaf=is_node)
+  leaves, treedef = tree.flatten(params, is_leaf=is_node)
+  _check_nodes("merge", leaves)
   out, last = [], None
-  for x in leaves:
+  for _, x in leaves:
     if isinstance(x, LoraWeight):
       if x.rank > FUSED_MAX_RANK:
         if last is not None:
@@ -87,7 +98,7 @@ def merge(params: Params) -> Params:
       out.append(_fold(x.w, x, 1.0))
     else:
       out.append(x.value if isinstance(x, Trainable) else x)
-  return jax.tree.unflatten(treedef, out)
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def _after(done, a):
@@ -111,13 +122,15 @@ def base(params: Params) -> Params:
     >>> bool((lj.base(p)["kernel"] == w).all())
     True
   """
-  def strip(x):
-    if isinstance(x, LoraWeight):
-      return x.w
-    if isinstance(x, Trainable):
-      return x.base
-    return x
-  return jax.tree.map(strip, params, is_leaf=is_node)
+  return _base(params, "base")
+
+
+def _base(params: Params, what: str) -> Params:
+  leaves, treedef = tree.flatten(params, is_leaf=is_node)
+  _check_nodes(what, leaves, need=("w", "base"))
+  out = [x.w if isinstance(x, LoraWeight) else x.base if isinstance(x, Trainable)
+         else x for _, x in leaves]
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def adapter(params: Params) -> Adapter:
@@ -141,11 +154,41 @@ def adapter(params: Params) -> Adapter:
       out[path] = x.replace(w=None)
     elif isinstance(x, Trainable):
       out[path] = Trainable(x.value, None)
+  if not out:
+    raise ValueError(
+        "adapter: the params hold no LoraWeight or Trainable node (found "
+        f"{len(leaves)} plain leaves); pass the params returned by "
+        "lora_jax.lora_init, lora_jax.attach or lora_jax.load_adapter")
   return out
 
 
+def _check_adapter(adapter: Any, what: str) -> None:
+  """``adapter`` must be ``{path: LoraWeight | Trainable}`` as from ``adapter``."""
+  fix = ("Pass lj.adapter(lora_params) (or an adapter from a checkpoint): "
+         "{'/'-joined path: LoraWeight | Trainable}")
+  if not isinstance(adapter, Mapping):
+    raise TypeError(f"{what}: the adapter must be a dict; got {describe(adapter)}. {fix}")
+  if not adapter:
+    raise ValueError(f"{what}: the adapter is empty. {fix}")
+  bad = [f"{k!r}: {describe(v)}" for k, v in adapter.items()
+         if not isinstance(k, str) or not is_node(v)]
+  if bad:
+    hint = (" (these look like nested params: call lj.adapter(...) on them first)"
+            if any(isinstance(v, Mapping) for v in adapter.values()) else "")
+    raise TypeError(f"{what}: the adapter maps each path to a LoraWeight or "
+                    f"Trainable, but holds {', '.join(bad[:4])}"
+                    f"{' ...' if len(bad) > 4 else ''}{hint}. {fix}")
+  errors = [e for path, item in adapter.items()
+            for e in node_problems(path, item, ("a", "b", "value"))]
+  if errors:
+    raise ValueError(f"{what}: the adapter is inconsistent:\n  " + "\n  ".join(errors))
+
+
 def _check_fits(path: str, leaf: Any, item) -> None:
-  shape = tuple(getattr(leaf, "shape", ()))
+  if getattr(leaf, "shape", None) is None or getattr(leaf, "dtype", None) is None:
+    raise ValueError(f"{path}: the base params hold {describe(leaf)} here, "
+                     "expected an array (the kernel or leaf the adapter goes on)")
+  shape = tuple(leaf.shape)
   if isinstance(item, Trainable):
     expected = {"value": tuple(item.value.shape)}
     found = {"value": shape}
@@ -162,6 +205,7 @@ def _check_fits(path: str, leaf: Any, item) -> None:
 
 
 def _apply(params: Params, adapter: Adapter, fn, what: str) -> Params:
+  """``fn(leaf, item)`` at each adapter path; ``adapter`` already checked."""
   leaves, treedef = tree.flatten(params, is_leaf=is_node)
   paths = {p for p, _ in leaves}
   missing = sorted(set(adapter) - paths)
@@ -200,7 +244,8 @@ def attach(base_params: Params, adapter: Adapter) -> Params:
     if isinstance(item, Trainable):
       return Trainable(jnp.asarray(item.value).astype(leaf.dtype), leaf)
     return item.replace(w=leaf)
-  return _apply(base(base_params), adapter, put, "attach")
+  _check_adapter(adapter, "attach")
+  return _apply(_base(base_params, "attach"), adapter, put, "attach")
 
 
 def unmerge(merged: Params, adapter: Adapter) -> Params:
@@ -219,4 +264,12 @@ def unmerge(merged: Params, adapter: Adapter) -> Params:
   """
   def sub(leaf, item):
     return leaf if isinstance(item, Trainable) else _fold(leaf, item, -1.0)
+  _check_adapter(adapter, "unmerge")
+  nodes = [p for p, x in tree.flatten(merged, is_leaf=is_node)[0] if is_node(x)]
+  if nodes:
+    raise ValueError(
+        f"unmerge: the params still hold LoRA nodes at {nodes[:4]}"
+        f"{' ...' if len(nodes) > 4 else ''}; unmerge subtracts an adapter from "
+        "merged plain params (lj.merge(params)). To turn the adapters off, use "
+        "lj.base(params).")
   return _apply(merged, adapter, sub, "unmerge")

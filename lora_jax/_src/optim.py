@@ -3,8 +3,9 @@
 import jax
 import optax
 
+from lora_jax._src import tree
 from lora_jax._src.types import Params
-from lora_jax._src.weight import LoraWeight, Trainable, is_node
+from lora_jax._src.weight import LoraWeight, Trainable, describe, factor_problems, is_node
 
 TRAINABLE = "trainable"
 FROZEN = "frozen"
@@ -49,7 +50,11 @@ def optimizer(tx: optax.GradientTransformation, params: Params) -> optax.Gradien
     >>> sum(x.size for x in jax.tree.leaves(state)) - 1   # mu and nu of A, B (minus the count)
     14
   """
-  del params  # labels are computed from the params optax hands over
+  if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+    raise TypeError(f"optimizer: tx must be an optax GradientTransformation such as "
+                    f"optax.adamw(1e-3), got {describe(tx)} (the call is "
+                    "lj.optimizer(tx, params))")
+  _require_nodes("optimizer", params)  # labels come from what optax hands over
   return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
 
 
@@ -67,6 +72,7 @@ def split(params: Params) -> tuple[Params, Params]:
     >>> t["kernel"].w is None, f["kernel"].a is None
     (True, True)
   """
+  _require_nodes("split", params)
   lab = labels(params)
   pick = lambda want: jax.tree.map(lambda l, x: x if l == want else None, lab, params)
   return pick(TRAINABLE), pick(FROZEN)
@@ -83,5 +89,64 @@ def combine(trainable: Params, frozen: Params) -> Params:
     >>> q["kernel"].w.shape
     (4, 3)
   """
-  return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
-                      is_leaf=lambda x: x is None)
+  _check_halves(trainable, frozen)
+  out = jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen,
+                     is_leaf=lambda x: x is None)
+  bad = [f"{path}: {p}" for path, x in tree.flatten(out, is_leaf=is_node)[0]
+         if isinstance(x, LoraWeight) for p in factor_problems(x.w, x.a, x.b, x.roles)]
+  if bad:
+    raise ValueError("combine: the halves do not fit together (are they from the "
+                     "same lora_init?):\n  " + "\n  ".join(bad))
+  return out
+
+
+def _require_nodes(what: str, params: Params) -> None:
+  leaves = jax.tree.leaves(params, is_leaf=is_node)
+  if not any(is_node(x) for x in leaves):
+    raise ValueError(
+        f"{what}: the params hold no LoraWeight or Trainable node ({describe(params)} "
+        f"with {len(leaves)} plain leaves), so nothing would train; pass the params "
+        "returned by lora_jax.lora_init")
+
+
+def _halves(x: Params):
+  """{path: node or leaf} with None kept, and the treedef, for combine's checks."""
+  stop = lambda y: y is None or is_node(y)
+  leaves, treedef = tree.flatten(x, is_leaf=stop)
+  return dict(leaves), jax.tree.structure(x, is_leaf=lambda y: y is None)
+
+
+def _node_kind(x) -> str:
+  if isinstance(x, LoraWeight):
+    return f"LoraWeight(scale={x.scale}, roles={x.roles!r}, dropout={x.dropout})"
+  return "None" if x is None else type(x).__name__ if is_node(x) else "a leaf"
+
+
+def _check_halves(trainable: Params, frozen: Params) -> None:
+  """Same structure and, at each leaf, a value in exactly one of the halves."""
+  (t, t_def), (f, f_def) = _halves(trainable), _halves(frozen)
+  if t_def != f_def:
+    errors = [f"{p}: only in trainable" for p in sorted(set(t) - set(f))]
+    errors += [f"{p}: only in frozen" for p in sorted(set(f) - set(t))]
+    errors += [f"{p}: trainable has {_node_kind(t[p])}, frozen has {_node_kind(f[p])}"
+               for p in sorted(set(t) & set(f))
+               if _node_kind(t[p]) != _node_kind(f[p])
+               and {_node_kind(t[p]), _node_kind(f[p])} != {"None", "a leaf"}]
+    if not errors:
+      errors = [f"trainable is {t_def}", f"frozen is {f_def}"]
+    raise ValueError("combine: trainable and frozen are not the two halves of one "
+                     "lj.split(params) (their structures differ):\n  "
+                     + "\n  ".join(errors[:12]) + ("\n  ..." if len(errors) > 12 else ""))
+  both = [p for p, (a, b) in _pairs(trainable, frozen) if a is not None and b is not None]
+  if both:
+    raise ValueError(f"combine: both halves hold a value at {both[:4]}"
+                     f"{' ...' if len(both) > 4 else ''}; combine takes "
+                     "(trainable, frozen) = lj.split(params), which has None in the "
+                     "other half's places")
+
+
+def _pairs(trainable: Params, frozen: Params):
+  none = lambda y: y is None
+  t, _ = jax.tree_util.tree_flatten_with_path(trainable, is_leaf=none)
+  f = jax.tree.leaves(frozen, is_leaf=none)
+  return [(tree.path_str(p), (a, b)) for (p, a), b in zip(t, f)]

@@ -6,7 +6,7 @@ import numpy as np
 
 from lora_jax._src import tree
 from lora_jax._src.types import Params
-from lora_jax._src.weight import LoraWeight, Trainable, is_node
+from lora_jax._src.weight import LoraWeight, Trainable, is_node, node_problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,12 @@ def summary(params: Params) -> Summary:
   """
   trainable = total = 0
   rows = []
-  for path, x in tree.flatten(params, is_leaf=is_node)[0]:
+  leaves = tree.flatten(params, is_leaf=is_node)[0]
+  problems = [e for path, x in leaves for e in node_problems(path, x, ("w", "a", "b", "value"))]
+  if problems:
+    raise ValueError("summary: the params hold LoRA nodes that cannot be counted:\n  "
+                     + "\n  ".join(problems))
+  for path, x in leaves:
     if isinstance(x, LoraWeight):
       n = int(np.size(x.a) + np.size(x.b))
       trainable += n

@@ -42,6 +42,6 @@ def flatten(tree: PyTree, is_leaf: Callable[[Any], bool] | None = None):
 
 def some_paths(paths: list[str], n: int = 8) -> str:
   """A short listing of paths for error messages."""
-  shown = "\n  ".join(paths[:n])
+  shown = "\n  ".join(p or "(the root: the params are a single leaf)" for p in paths[:n])
   more = f"\n  ... and {len(paths) - n} more" if len(paths) > n else ""
   return f"\n  {shown}{more}" if paths else " (the tree has no array leaves)"
