@@ -264,9 +264,13 @@ def test_base_with_other_shapes_lists_every_path(ckpt):
 def test_save_refuses_an_adapter_it_could_not_load(tmp_path):
   p = _adapter()
   lw = p["dense"]["kernel"]
-  for bad, part in ((lw.replace(a=lw.a.astype(jnp.int8)), ".a.dtype: expected a floating"),
-                    (lw.replace(scale=0.0), ".scale: expected a finite number > 0"),
-                    (lw.replace(dropout=1.0), ".dropout: expected a number in [0, 1)")):
+  # LoraWeight's constructor refuses these too; a node rebuilt through
+  # tree_unflatten (as JAX transformations do) is not checked, save_adapter is.
+  def rebuilt(a=lw.a, scale=lw.scale, dropout=lw.dropout):
+    return lj.LoraWeight.tree_unflatten((scale, lw.roles, dropout), (lw.w, a, lw.b))
+  for bad, part in ((rebuilt(a=lw.a.astype(jnp.int8)), ".a.dtype: expected a floating"),
+                    (rebuilt(scale=0.0), ".scale: expected a finite number > 0"),
+                    (rebuilt(dropout=1.0), ".dropout: expected a number in [0, 1)")):
     q = {**p, "dense": {"kernel": bad}}
     with pytest.raises(ValueError) as e:
       save_adapter(tmp_path / "bad", q)

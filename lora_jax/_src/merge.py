@@ -151,7 +151,9 @@ def adapter(params: Params) -> Adapter:
   out = {}
   for path, x in leaves:
     if isinstance(x, LoraWeight):
-      out[path] = x.replace(w=None)
+      # a view, not a new node: no checks here (save_adapter and attach check
+      # with the path in hand)
+      out[path] = LoraWeight.tree_unflatten((x.scale, x.roles, x.dropout), (None, x.a, x.b))
     elif isinstance(x, Trainable):
       out[path] = Trainable(x.value, None)
   if not out:
