@@ -260,16 +260,20 @@ def plot(res, path):
 def main(argv=None) -> dict:
   p = parser(__doc__.split("\n")[0])
   p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (the write-up: 20)")
-  p.add_argument("--pretrain-epochs", type=int, default=8)
-  p.add_argument("--n-pretrain", type=int, default=2000)
-  p.add_argument("--n-train", type=int, default=1000)
-  p.add_argument("--n-val", type=int, default=1000)
-  p.add_argument("--frames", type=int, default=32)
-  p.add_argument("--width", type=int, default=64)
-  p.add_argument("--depth", type=int, default=2)
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--lr", type=float, default=1e-3)
-  p.add_argument("--rank", type=int, default=8)
+  p.add_argument("--pretrain-epochs", type=int, default=8,
+                 help="epochs of pretraining on the first task")
+  p.add_argument("--n-pretrain", type=int, default=2000, help="pretraining examples")
+  p.add_argument("--n-train", type=int, default=1000,
+                 help="training examples of the new task")
+  p.add_argument("--n-val", type=int, default=1000,
+                 help="validation examples of the new task (AUC)")
+  p.add_argument("--frames", type=int, default=32,
+                 help="spectrogram frames (tokens) per example")
+  p.add_argument("--width", type=int, default=64, help="encoder width")
+  p.add_argument("--depth", type=int, default=2, help="encoder blocks")
+  p.add_argument("--batch-size", type=int, default=32, help="examples per step")
+  p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+  p.add_argument("--rank", type=int, default=8, help="LoRA rank")
   args = p.parse_args(argv)
   if args.fast:
     args.epochs, args.pretrain_epochs, args.depth, args.width = 3, 3, 1, 32

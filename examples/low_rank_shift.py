@@ -87,12 +87,12 @@ def plot(pre_curve, lora_curve, path):
 def main(argv=None) -> dict:
   p = parser(__doc__.split("\n")[0])
   p.add_argument("--n", type=int, default=10000, help="examples per task")
-  p.add_argument("--d-in", type=int, default=1001)
-  p.add_argument("--d-out", type=int, default=1000)
+  p.add_argument("--d-in", type=int, default=1001, help="input features (rows of θ)")
+  p.add_argument("--d-out", type=int, default=1000, help="outputs (columns of θ)")
   p.add_argument("--epochs", type=int, default=100, help="epochs for each phase")
-  p.add_argument("--batch-size", type=int, default=128)
+  p.add_argument("--batch-size", type=int, default=128, help="examples per step")
   p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-  p.add_argument("--rank", type=int, default=1)
+  p.add_argument("--rank", type=int, default=1, help="LoRA rank (the shift is rank 1)")
   args = p.parse_args(argv)
   if args.fast:
     args.n, args.d_in, args.d_out, args.epochs, args.lr = 2000, 101, 100, 40, 1e-2

@@ -118,10 +118,11 @@ def main(argv=None) -> dict:
                  help="fraction of --digit's examples kept for pretraining")
   p.add_argument("--hidden", type=int, nargs=2, default=(1000, 2000),
                  help="hidden sizes of the MLP")
-  p.add_argument("--pretrain-epochs", type=int, default=3)
+  p.add_argument("--pretrain-epochs", type=int, default=3,
+                 help="pretraining epochs (batches of 10, every weight trains)")
   p.add_argument("--lora-steps", type=int, default=50,
                  help="fine-tuning batches of 10 (the write-up used 100 on MNIST)")
-  p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (both phases)")
   args = p.parse_args(argv)
   if args.fast:
     args.hidden, args.lora_steps = (128, 256), 60
