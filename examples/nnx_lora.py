@@ -20,7 +20,7 @@ model through a pure function that merges the pieces back.
 4. Merge (``lj.merge``) into plain weights, save the adapter with Orbax
    (``lj.save_adapter``) and load it back onto the base (``lj.load_adapter``).
 
-Run:  python examples/nnx_lora.py        (about 40 s on 2 CPU cores)
+Run:  python examples/nnx_lora.py        (10-30 s on 2 shared CPU cores)
 """
 
 import os

@@ -18,7 +18,7 @@ Without ``--accelerator`` the mesh is made of simulated CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count``, set before JAX is
 imported); with it, the real devices JAX finds (GPUs, TPU cores).
 
-Run:  python examples/sharded_training.py            (8 simulated CPU devices, mesh 2x4)
+Run:  python examples/sharded_training.py            (8 simulated CPU devices, mesh 2x4; about 30 s)
       python examples/sharded_training.py --mesh 1,8
       python examples/sharded_training.py --accelerator --mesh 1,4
 """
