@@ -36,6 +36,7 @@ Run:  python examples/llama_lora.py                # stopped midway (Ctrl-C)? ru
       python examples/llama_lora.py --steps 600    # after a full run: trains on to step 600
 """
 
+import importlib.util
 import json
 import os
 import sys
@@ -335,8 +336,19 @@ def make_parser():
   return p
 
 
+def require_safetensors() -> None:
+  """The base is saved in Hugging Face format (safetensors): say how to get it."""
+  if importlib.util.find_spec("safetensors") is None:
+    raise SystemExit(
+        "examples/llama_lora.py saves the base model in Hugging Face format, which needs "
+        "the safetensors package (not installed). Install it with the example's extra: "
+        "pip install -e \".[llama-example]\" (this also brings torch, transformers and "
+        "peft, to load the exported adapter with PEFT), or just: pip install safetensors")
+
+
 def main(argv=None) -> dict:
   args = make_parser().parse_args(argv)
+  require_safetensors()
   if args.fast:
     args.pretrain_steps, args.seq_len, args.batch_size, args.gen_tokens = 150, 32, 8, 24
   if args.steps is None:

@@ -122,3 +122,12 @@ def test_interrupted_run_resumes(tmp_path, monkeypatch, capsys):
   done = llama_lora.main(argv)
   assert len(done["losses"]) == 30
   assert "pass a larger --steps (e.g. --steps 60)" in capsys.readouterr().out
+
+
+def test_missing_safetensors_says_which_extra(monkeypatch, tmp_path):
+  real_find_spec = llama_lora.importlib.util.find_spec
+  monkeypatch.setattr(llama_lora.importlib.util, "find_spec",
+                      lambda name, *a: None if name == "safetensors" else real_find_spec(name, *a))
+  with pytest.raises(SystemExit) as exc:
+    llama_lora.main(["--fast", "--quiet", "--out", str(tmp_path)])
+  assert 'pip install -e ".[llama-example]"' in str(exc.value)
