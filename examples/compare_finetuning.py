@@ -1,9 +1,11 @@
 """Full fine-tuning vs frozen encoder vs LoRA on a small transformer encoder.
 
-The experiment of "LoRA: Low-Rank Adaptation of Large Language Models" (a
-Whisper encoder + classifier adapted to gravitational-wave detection, LoRA on
-attention q/k/v vs full fine-tuning vs frozen encoder: AUC 0.9968 vs 0.9964
-vs 0.9636, 3.4M vs 89M trainable), scaled down to run on a laptop CPU:
+The experiment of a PyTorch repository's overview of LoRA (its README is
+titled like the LoRA paper, "LoRA: Low-Rank Adaptation of Large Language
+Models"): a Whisper encoder + classifier adapted to detecting
+gravitational-wave signals in noise, LoRA on attention q/k/v vs full fine-tuning vs frozen
+encoder: AUC 0.9968 vs 0.9964 vs 0.9636, 3.4M vs 89M trainable. Scaled down
+to run on a laptop CPU:
 
 * data: synthetic signal-in-noise detection, generated with a fixed seed.
   Each example is 2048 samples cut into 32 frames of 64, each frame turned
@@ -229,7 +231,7 @@ def verdict(res) -> str:
     speed = (f"Per step LoRA was not faster than full fine-tuning here "
              f"({lora['step_ms']:.2f} vs {full['step_ms']:.2f} ms): at this size the passes "
              "through the encoder cost as much as the weight gradients LoRA skips (the "
-             "write-up saw the same: LoRA did not cut training time).")
+             "repository's run saw the same: LoRA did not cut training time).")
   return (
       f"LoRA trains {lora['trainable']:,} parameters ({100 * lora['trainable'] / full['trainable']:.1f}% "
       f"of full fine-tuning's {full['trainable']:,}); its best validation AUC "
@@ -259,17 +261,21 @@ def plot(res, path):
 
 def main(argv=None) -> dict:
   p = parser(__doc__.split("\n")[0])
-  p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (the write-up: 20)")
-  p.add_argument("--pretrain-epochs", type=int, default=8)
-  p.add_argument("--n-pretrain", type=int, default=2000)
-  p.add_argument("--n-train", type=int, default=1000)
-  p.add_argument("--n-val", type=int, default=1000)
-  p.add_argument("--frames", type=int, default=32)
-  p.add_argument("--width", type=int, default=64)
-  p.add_argument("--depth", type=int, default=2)
-  p.add_argument("--batch-size", type=int, default=32)
-  p.add_argument("--lr", type=float, default=1e-3)
-  p.add_argument("--rank", type=int, default=8)
+  p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs (the repository's run: 20)")
+  p.add_argument("--pretrain-epochs", type=int, default=8,
+                 help="epochs of pretraining on the first task")
+  p.add_argument("--n-pretrain", type=int, default=2000, help="pretraining examples")
+  p.add_argument("--n-train", type=int, default=1000,
+                 help="training examples of the new task")
+  p.add_argument("--n-val", type=int, default=1000,
+                 help="validation examples of the new task (AUC)")
+  p.add_argument("--frames", type=int, default=32,
+                 help="spectrogram frames (tokens) per example")
+  p.add_argument("--width", type=int, default=64, help="encoder width")
+  p.add_argument("--depth", type=int, default=2, help="encoder blocks")
+  p.add_argument("--batch-size", type=int, default=32, help="examples per step")
+  p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+  p.add_argument("--rank", type=int, default=8, help="LoRA rank")
   args = p.parse_args(argv)
   if args.fast:
     args.epochs, args.pretrain_epochs, args.depth, args.width = 3, 3, 1, 32

@@ -15,9 +15,10 @@ minute on 2 CPU cores):
    only they train (``lj.optimizer(optax.adamw)``) on the SECOND half of the
    text. Every ``--save-every`` steps an ``orbax.checkpoint.CheckpointManager``
    (``--max-to-keep``) saves the adapter (``lj.adapter_args``), the optimizer
-   state, and the loss history; re-running with the same ``--out`` resumes from
-   the latest step ("resumed from step K") and continues exactly as an
-   uninterrupted run would (the batches are a function of the step).
+   state, and the loss history. Stopped midway (Ctrl-C, a crash), the same
+   command resumes from the latest step ("resumed from step K") and continues
+   exactly as an uninterrupted run would (the batches are a function of the
+   step); after a finished run, a larger ``--steps`` trains on.
 3. Report. Greedy samples (``lora_jax.models.generate`` with ``lj.lora``)
    before and after, a table of losses, a PNG of the loss curves, and the
    adapter exported in PEFT format (``lora_jax.interop.peft``) for
@@ -31,10 +32,11 @@ measured on the text the adapters train on (a few KB: this is learning, i.e.
 memorising, a passage, not generalisation), and the adapted model loses much
 of the first half (~0.2 -> ~2.7): adapters steer the whole model.
 
-Run:  python examples/llama_lora.py                # then again: resumes
-      python examples/llama_lora.py --steps 600    # resumes and trains on
+Run:  python examples/llama_lora.py                # stopped midway (Ctrl-C)? run it again: resumes
+      python examples/llama_lora.py --steps 600    # after a full run: trains on to step 600
 """
 
+import importlib.util
 import json
 import os
 import sys
@@ -334,8 +336,19 @@ def make_parser():
   return p
 
 
+def require_safetensors() -> None:
+  """The base is saved in Hugging Face format (safetensors): say how to get it."""
+  if importlib.util.find_spec("safetensors") is None:
+    raise SystemExit(
+        "examples/llama_lora.py saves the base model in Hugging Face format, which needs "
+        "the safetensors package (not installed). Install it with the example's extra: "
+        "pip install -e \".[llama-example]\" (this also brings torch, transformers and "
+        "peft, to load the exported adapter with PEFT), or just: pip install safetensors")
+
+
 def main(argv=None) -> dict:
   args = make_parser().parse_args(argv)
+  require_safetensors()
   if args.fast:
     args.pretrain_steps, args.seq_len, args.batch_size, args.gen_tokens = 150, 32, 8, 24
   if args.steps is None:
@@ -377,18 +390,28 @@ def main(argv=None) -> dict:
     start, lparams, opt_state, losses = restore(mngr, params, opt_state)
     print(f"resumed from step {start}")
   if start >= args.steps:
-    print(f"the checkpoint is at step {start} >= --steps {args.steps}: nothing to train")
+    print(f"the checkpoint in {mngr.directory} is at step {start}, and --steps is "
+          f"{args.steps}: nothing left to train. To train on, pass a larger --steps "
+          f"(e.g. --steps {start + args.steps}); to start over, use another --out.")
 
   with Timer() as t_lora:
     bar = progress(range(start + 1, args.steps + 1), "LoRA (A, B only)", args.quiet,
                    total=max(args.steps - start, 0))
-    for k in bar:
-      batch = batch_at(tok_b, k, args.seed, 1, args.batch_size, args.seq_len)
-      lparams, opt_state, loss = step_fn(lparams, opt_state, batch)
-      losses.append(float(loss))
-      bar.set_postfix(loss=f"{losses[-1]:.3f}")
-      if k % args.save_every == 0 or k == args.steps:
-        save(mngr, k, lparams, opt_state, losses, lconfig)
+    try:
+      for k in bar:
+        batch = batch_at(tok_b, k, args.seed, 1, args.batch_size, args.seq_len)
+        lparams, opt_state, loss = step_fn(lparams, opt_state, batch)
+        losses.append(float(loss))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if k % args.save_every == 0 or k == args.steps:
+          save(mngr, k, lparams, opt_state, losses, lconfig)
+    except KeyboardInterrupt:
+      mngr.wait_until_finished()  # a save in flight completes
+      bar.close()
+      raise SystemExit(
+          f"\ninterrupted at step {len(losses)}; the latest checkpoint is step "
+          f"{mngr.latest_step()} in {mngr.directory}. Run the same command again "
+          f"to resume from it.") from None
     mngr.wait_until_finished()
   steps_kept = list(mngr.all_steps())
 

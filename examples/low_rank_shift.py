@@ -1,17 +1,17 @@
 """A rank-1 LoRA recovers a rank-1 shift of a linear model's weights.
 
-The experiment of "Understanding LoRA with a minimal example" (Posit AI
-blog, torch for R), in JAX:
+The experiment of a blog post that explains LoRA "in a very minimal torch
+example" (written with torch for R), in JAX:
 
 1. Simulate y = X·θ with θ ∈ R^(1001×1000), X ∈ R^(10000×1001) Gaussian.
 2. Pretrain a full-rank linear model (no bias) with Adam, batch 128, 100 epochs.
 3. Shift the task: θ2 = θ + 1 (a matrix of ones is rank 1), new X2, y2 = X2·θ2.
-4. Train a rank-1 LoRA (alpha 1, A ~ N(0, 1), B = 0, as in the blog) on the
+4. Train a rank-1 LoRA (alpha 1, A ~ N(0, 1), B = 0, as in the post) on the
    frozen model, same optimizer and epochs.
 5. ΔW = scale·A·B (``lj.delta``) should be a matrix of ones; merging it
    (``lj.merge``) gives a plain linear model that fits the new data.
 
-The blog's figures: LoRA loss 0.0013 after 100 epochs; ΔW[:5, :5] ≈ 1.000.
+The post's figures: LoRA loss 0.0013 after 100 epochs; ΔW[:5, :5] ≈ 1.000.
 
 Run:  python examples/low_rank_shift.py       (about 1.5 minutes on 2 CPU cores)
 """
@@ -57,7 +57,7 @@ def make_epoch(fn, tx, batch_size: int):
 
 def train(fn, params, x, y, tx, epochs, batch_size, key, desc, quiet):
   """``epochs`` epochs; returns params, per-epoch mean batch loss, full-data
-  loss every 10 epochs (the blog's printout)."""
+  loss every 10 epochs (the post's printout)."""
   epoch = make_epoch(fn, tx, batch_size)
   full = jax.jit(lambda p: mse(p, x, y, fn))
   opt_state = tx.init(params)
@@ -87,12 +87,12 @@ def plot(pre_curve, lora_curve, path):
 def main(argv=None) -> dict:
   p = parser(__doc__.split("\n")[0])
   p.add_argument("--n", type=int, default=10000, help="examples per task")
-  p.add_argument("--d-in", type=int, default=1001)
-  p.add_argument("--d-out", type=int, default=1000)
+  p.add_argument("--d-in", type=int, default=1001, help="input features (rows of θ)")
+  p.add_argument("--d-out", type=int, default=1000, help="outputs (columns of θ)")
   p.add_argument("--epochs", type=int, default=100, help="epochs for each phase")
-  p.add_argument("--batch-size", type=int, default=128)
+  p.add_argument("--batch-size", type=int, default=128, help="examples per step")
   p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-  p.add_argument("--rank", type=int, default=1)
+  p.add_argument("--rank", type=int, default=1, help="LoRA rank (the shift is rank 1)")
   args = p.parse_args(argv)
   if args.fast:
     args.n, args.d_in, args.d_out, args.epochs, args.lr = 2000, 101, 100, 40, 1e-2
@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
   y2 = x2 @ theta2
   shifted_before = float(mse(params, x2, y2))
 
-  # 3. Rank-1 LoRA, initialised as in the blog: A ~ N(0, 1), B = 0, alpha = 1.
+  # 3. Rank-1 LoRA, initialised as in the post: A ~ N(0, 1), B = 0, alpha = 1.
   config = lj.LoraConfig(rank=args.rank, alpha=1.0, init="gaussian", targets="kernel")
   lparams = lj.lora_init(k_lora, params, config)
   print(lj.summary(lparams).line())
@@ -140,7 +140,7 @@ def main(argv=None) -> dict:
   err = np.abs(delta - 1)
   print(f"|ΔW - 1|: mean {err.mean():.2e}, max {err.max():.2e}")
   print(f"merged model (lj.merge) on the shifted data: MSE {merged_loss:.6g}  "
-        "(the blog: 0.0013)")
+        "(the post: 0.0013)")
   print(f"time: pretraining {t_pre.seconds:.1f} s, LoRA {t_lora.seconds:.1f} s")
 
   png = figure_path(args.out, "low_rank_shift_loss.png")

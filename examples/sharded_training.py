@@ -18,7 +18,7 @@ Without ``--accelerator`` the mesh is made of simulated CPU devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count``, set before JAX is
 imported); with it, the real devices JAX finds (GPUs, TPU cores).
 
-Run:  python examples/sharded_training.py            (8 simulated CPU devices, mesh 2x4)
+Run:  python examples/sharded_training.py            (8 simulated CPU devices, mesh 2x4; about 30 s)
       python examples/sharded_training.py --mesh 1,8
       python examples/sharded_training.py --accelerator --mesh 1,4
 """
@@ -28,7 +28,7 @@ import re
 import sys
 import warnings
 
-from _common import parser, progress, table
+from _common import figure_path, parser, progress, table
 
 
 def parse(argv=None):
@@ -37,14 +37,14 @@ def parse(argv=None):
                  help="mesh shape 'data,model' (product = number of devices used)")
   p.add_argument("--accelerator", action="store_true",
                  help="use the real devices JAX finds instead of simulated CPU devices")
-  p.add_argument("--steps", type=int, default=60, help="training steps")
-  p.add_argument("--rank", type=int, default=4, help="LoRA rank")
+  p.add_argument("--steps", type=int, default=200, help="training steps")
+  p.add_argument("--rank", type=int, default=8, help="LoRA rank")
   p.add_argument("--batch", type=int, default=16, help="sequences per step")
   p.add_argument("--seq", type=int, default=16, help="tokens per sequence")
   p.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
   args = p.parse_args(argv)
   if args.fast:
-    args.steps = min(args.steps, 6)
+    args.steps = min(args.steps, 40)
   return args
 
 
@@ -56,6 +56,12 @@ def _use_simulated_devices(n: int) -> None:
   if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def path_str(path) -> str:
+  """'layers/self_attn/q_proj/kernel' for a JAX key path."""
+  import jax
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 # Megatron-style tensor parallelism for the Llama params, by path.
@@ -70,10 +76,9 @@ TP_RULES = [
 def param_specs(params, P):
   """A PartitionSpec per leaf from TP_RULES (others replicated)."""
   import jax
-  from lora_jax._src import tree
 
   def spec(path, x):
-    p = tree.path_str(path)
+    p = path_str(path)
     for pattern, axes in TP_RULES:
       if re.fullmatch(pattern, p):
         return P(*((None,) * (x.ndim - len(axes)) + axes))
@@ -81,16 +86,46 @@ def param_specs(params, P):
   return jax.tree_util.tree_map_with_path(spec, params)
 
 
-def sharding_table(lparams) -> str:
-  """path, shape, spec for every array of the LoRA params."""
+AXIS_NAMES = {"s": "layer", "i": "in", "o": "out"}
+
+
+def split_words(x, axis_names, mesh_shape) -> str:
+  """How ``x`` is divided over the mesh, e.g. 'out / 4' or 'whole'."""
+  spec = tuple(x.sharding.spec) + (None,) * x.ndim
+  parts = [f"{name} / {mesh_shape[ax]}" for name, ax in zip(axis_names, spec) if ax]
+  return ", ".join(parts) or "whole"
+
+
+def sharding_table(lparams, mesh_shape) -> str:
+  """Every adapted kernel: its shape and how the kernel, A and B are divided."""
   import jax
-  from lora_jax._src import tree
+  import lora_jax as lj
   rows = []
-  for path, x in tree.flatten(lparams)[0]:
-    spec = x.sharding.spec if hasattr(x.sharding, "spec") else x.sharding
-    rows.append((path, "x".join(map(str, x.shape)), str(spec)))
-  del jax
-  return table(("path", "shape", "sharding spec"), rows)
+  for path, x in jax.tree_util.tree_leaves_with_path(
+      lparams, is_leaf=lambda v: isinstance(v, lj.LoraWeight)):
+    if not isinstance(x, lj.LoraWeight):
+      continue
+    path = path_str(path)
+    names = [AXIS_NAMES[r] for r in x.roles]
+    stack = [n for n in names if n == "layer"]
+    in_names = [n for n in names if n == "in"]
+    out_names = [n for n in names if n == "out"]
+    rows.append((path, " x ".join(map(str, x.w.shape)),
+                 split_words(x.w, names, mesh_shape),
+                 split_words(x.a, stack + in_names + ["rank"], mesh_shape),
+                 split_words(x.b, stack + ["rank"] + out_names, mesh_shape)))
+  return table(("adapted kernel", "shape", "kernel split", "A split", "B split"), rows)
+
+
+def plot(losses, path):
+  from _common import pyplot, save_figure
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  ax.plot(losses, lw=1)
+  ax.set_xlabel("step")
+  ax.set_ylabel("training loss (nats / token)")
+  ax.set_title("LoRA on a (data, model) device mesh")
+  save_figure(fig, path)
 
 
 def synthetic_batch(key, batch: int, seq: int, vocab: int):
@@ -117,7 +152,6 @@ def main(argv=None) -> dict:
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   import lora_jax as lj
-  from lora_jax._src.sharding import lora_shardings
   from lora_jax.models import Llama, LlamaConfig, init_params
 
   n = shape[0] * shape[1]
@@ -126,7 +160,9 @@ def main(argv=None) -> dict:
                      f"{len(jax.devices())} ({jax.devices()[0].platform})")
   mesh = jax.make_mesh(shape, ("data", "model"), devices=jax.devices()[:n],
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
-  print(f"mesh {dict(mesh.shape)} on {n} {jax.devices()[0].platform} devices")
+  where = "simulated CPU devices" if not args.accelerator else f"{jax.devices()[0].platform} devices"
+  print(f"mesh: {shape[0]} x {shape[1]} = {n} {where}. Each batch is split {shape[0]} ways "
+        f"('data'); each weight matrix {shape[1]} ways ('model', tensor parallelism).")
 
   cfg = LlamaConfig.tiny(scan_layers=True)
   model = Llama(cfg)
@@ -136,15 +172,18 @@ def main(argv=None) -> dict:
                                                param_specs(params, P)))
   ids = jnp.zeros((1, args.seq), jnp.int32)
   lcfg = lj.LoraConfig(rank=args.rank, alpha=2 * args.rank,
-                       targets=r".*(q|k|v|o|gate|up|down)_proj/kernel")
+                       targets=r".*((q|k|v|o|gate|up|down)_proj|lm_head)/kernel")
   lparams = lj.lora_init(jax.random.fold_in(key, 1), params, lcfg,
                          trace=lambda p: model.apply({"params": p}, ids))
-  print(sharding_table(lparams))
+  print("\nHow each adapted kernel and its adapter (A, B) are divided over the mesh "
+        "('out / 4': the output axis is cut in 4 parts, one per device; 'whole': "
+        "every device holds a full copy):")
+  print(sharding_table(lparams, dict(mesh.shape)))
   print(lj.summary(lparams).line())
 
   tx = lj.optimizer(optax.adam(args.lr), lparams)
   apply = lj.lora(model.apply)
-  shardings = lora_shardings(lparams)
+  shardings = lj.lora_shardings(lparams)
   data = NamedSharding(mesh, P("data"))
 
   def loss_fn(p, tokens):
@@ -156,6 +195,15 @@ def main(argv=None) -> dict:
     upd, opt = tx.update(g, opt, p)
     return optax.apply_updates(p, upd), opt, loss
 
+  @jax.jit
+  def accuracy(p, tokens):
+    logits = apply({"params": p}, tokens[:, :-1])
+    return (logits.argmax(-1) == tokens[:, 1:]).mean()
+
+  held_out = jax.device_put(synthetic_batch(jax.random.fold_in(key, 7), 64, args.seq,
+                                            cfg.vocab_size), data)
+  acc_before = float(accuracy(lparams, held_out))
+
   opt_state = jax.jit(tx.init)(lparams)  # Adam moments sharded like A and B
   opt_shardings = jax.tree.map(  # the step counter replicated over the mesh
       lambda x: x.sharding if isinstance(x.sharding, NamedSharding)
@@ -164,13 +212,14 @@ def main(argv=None) -> dict:
   step = jax.jit(step, in_shardings=(shardings, opt_shardings, data),
                  out_shardings=(shardings, opt_shardings, None), donate_argnums=(0, 1))
   losses = []
-  bar = progress(range(args.steps), "train", args.quiet)
+  bar = progress(range(args.steps), "train (A, B only)", args.quiet)
   for i in bar:
     tokens = jax.device_put(synthetic_batch(jax.random.fold_in(key, 100 + i), args.batch,
                                             args.seq, cfg.vocab_size), data)
     lparams, opt_state, loss = step(lparams, opt_state, tokens)
     losses.append(float(loss))
     bar.set_postfix(loss=f"{losses[-1]:.3f}")
+  acc_after = float(accuracy(lparams, held_out))
 
   a_q = lparams["layers"]["self_attn"]["q_proj"]["kernel"]
   q_specs = {"q_a_spec": tuple(a_q.a.sharding.spec), "q_b_spec": tuple(a_q.b.sharding.spec)}
@@ -180,13 +229,30 @@ def main(argv=None) -> dict:
     merge_mem = merge.lower(lparams).compile().memory_analysis()
     merged = merge(lparams)
   q = merged["layers"]["self_attn"]["q_proj"]["kernel"]
-  print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; merged q_proj kernel "
-        f"{q.shape} sharded {q.sharding.spec}; donated merge temp bytes "
-        f"{merge_mem.temp_size_in_bytes} (aliased {merge_mem.alias_size_in_bytes})")
+  merged_acc = float(jax.jit(lambda p, t: (model.apply({"params": p}, t[:, :-1]).argmax(-1)
+                                            == t[:, 1:]).mean())(merged, held_out))
+
+  print("\nThe task: continue sequences that count up by 1, 2 or 3 (mod "
+        f"{cfg.vocab_size}); the base model is random, only the adapters train.")
+  marks = sorted({0, len(losses) // 4, len(losses) // 2, 3 * len(losses) // 4, len(losses) - 1})
+  print(table(("step", "training loss"), [(k + 1, f"{losses[k]:.3f}") for k in marks]))
+  print()
+  print(table(("model", "next-token accuracy on 64 new sequences"),
+              [("before training (B = 0: the base)", f"{acc_before:.3f}"),
+               ("after LoRA training", f"{acc_after:.3f}"),
+               ("merged (lj.merge, in place)", f"{merged_acc:.3f}")]))
+  print(f"\nThe merge ran in place (buffers donated): the merged q_proj kernel "
+        f"{' x '.join(map(str, q.shape))} is still divided as "
+        f"'{split_words(q, ['layer', 'in', 'out'], dict(mesh.shape))}', and it needed "
+        f"{merge_mem.temp_size_in_bytes:,} bytes of scratch memory.")
+  png = figure_path(args.out, "sharded_training_loss.png")
+  plot(losses, png)
+  print(f"wrote {png}")
   return {"mesh": dict(mesh.shape), "losses": losses, **q_specs,
-          "merged_q_spec": tuple(q.sharding.spec),
+          "merged_q_spec": tuple(q.sharding.spec), "acc_before": acc_before,
+          "acc_after": acc_after, "merged_acc": merged_acc, "png": png,
           "merge_temp_bytes": int(merge_mem.temp_size_in_bytes)}
 
 
 if __name__ == "__main__":
-  main()
+  main(sys.argv[1:])

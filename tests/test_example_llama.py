@@ -93,3 +93,41 @@ def test_train_resume_export(tmp_path):
                        - lj.base(second["lparams"])["layers"]["mlp"]["up_proj"]["kernel"]).max()) > 0
   got = peft_logits(second["base_dir"], second["peft_dir"], ids)
   np.testing.assert_allclose(got, np.asarray(want), atol=1e-4)
+
+
+def test_interrupted_run_resumes(tmp_path, monkeypatch, capsys):
+  """Ctrl-C midway, then the same command: it resumes from the last checkpoint."""
+  out = str(tmp_path / "run")
+  argv = ["--fast", "--quiet", "--out", out, "--steps", "30"]
+  real_batch_at = llama_lora.batch_at
+
+  def interrupt_at_25(tokens, step, seed, phase, *args):
+    if (phase, step) == (1, 25):  # LoRA phase (0: the base's pretraining)
+      raise KeyboardInterrupt
+    return real_batch_at(tokens, step, seed, phase, *args)
+  monkeypatch.setattr(llama_lora, "batch_at", interrupt_at_25)
+  with pytest.raises(SystemExit) as exc:
+    llama_lora.main(argv)
+  assert "interrupted at step 24" in str(exc.value)
+  assert "latest checkpoint is step 20" in str(exc.value)
+  assert "Run the same command again" in str(exc.value)
+
+  monkeypatch.setattr(llama_lora, "batch_at", real_batch_at)
+  again = llama_lora.main(argv)
+  assert again["resumed_step"] == 20 and again["final_step"] == 30
+  assert len(again["losses"]) == 30
+
+  # A finished run re-run as is: says how to train on, and trains nothing.
+  capsys.readouterr()
+  done = llama_lora.main(argv)
+  assert len(done["losses"]) == 30
+  assert "pass a larger --steps (e.g. --steps 60)" in capsys.readouterr().out
+
+
+def test_missing_safetensors_says_which_extra(monkeypatch, tmp_path):
+  real_find_spec = llama_lora.importlib.util.find_spec
+  monkeypatch.setattr(llama_lora.importlib.util, "find_spec",
+                      lambda name, *a: None if name == "safetensors" else real_find_spec(name, *a))
+  with pytest.raises(SystemExit) as exc:
+    llama_lora.main(["--fast", "--quiet", "--out", str(tmp_path)])
+  assert 'pip install -e ".[llama-example]"' in str(exc.value)

@@ -4,8 +4,10 @@ Each example's ``main(argv)`` returns its key figures; these tests assert the
 claim each example prints, on tiny sizes (a few seconds each).
 """
 
+import json
 import os
 import pathlib
+import subprocess
 import sys
 
 import numpy as np
@@ -14,9 +16,13 @@ import pytest
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
+import _common  # noqa: E402
 import compare_finetuning  # noqa: E402
+import llama_lora  # noqa: E402
 import low_rank_shift  # noqa: E402
+import nnx_lora  # noqa: E402
 import quickstart  # noqa: E402
+import sharded_training  # noqa: E402
 
 FAST = ["--fast", "--quiet"]
 
@@ -28,6 +34,43 @@ def test_help_exits_zero(module, capsys):
     module.main(["--help"])
   assert exc.value.code == 0
   assert "--fast" in capsys.readouterr().out
+
+
+ALL = [quickstart, low_rank_shift, compare_finetuning, llama_lora, nnx_lora, sharded_training]
+
+
+@pytest.mark.parametrize("module", ALL, ids=lambda m: m.__name__)
+def test_every_flag_has_help_text(module, monkeypatch):
+  made = []
+
+  def spy(*args, **kwargs):
+    made.append(_common.parser(*args, **kwargs))
+    return made[-1]
+  monkeypatch.setattr(module, "parser", spy)
+  with pytest.raises(SystemExit):
+    (module.parse if module is sharded_training else module.main)(["--help"])
+  flags = [a for a in made[-1]._actions if a.option_strings]
+  missing = [a.option_strings[0] for a in flags if not a.help]
+  assert not missing, f"{module.__name__}: flags without help text: {missing}"
+
+
+def test_sharded_training(tmp_path):
+  # A subprocess: the simulated devices must be requested before JAX starts.
+  code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import sharded_training as s; "
+          "r = s.main(['--fast', '--quiet', '--out', sys.argv[2]]); "
+          "print(json.dumps({k: r[k] for k in ('losses', 'acc_before', 'acc_after', "
+          "'merged_acc', 'png', 'merged_q_spec')}))")
+  proc = subprocess.run([sys.executable, "-c", code, str(EXAMPLES), str(tmp_path)],
+                        capture_output=True, text=True, check=True, cwd=tmp_path,
+                        env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+  r = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert "mesh: 2 x 4 = 8 simulated CPU devices" in proc.stdout
+  # The loss visibly falls and the merged model predicts like the adapted one.
+  assert np.mean(r["losses"][-5:]) < np.mean(r["losses"][:5]) - 1.0
+  assert r["acc_after"] > r["acc_before"] + 0.2
+  assert abs(r["merged_acc"] - r["acc_after"]) < 0.02
+  assert r["merged_q_spec"] == [None, None, "model"]
+  assert os.path.getsize(r["png"]) > 0
 
 
 def test_quickstart(tmp_path):
