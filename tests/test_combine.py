@@ -16,6 +16,7 @@ import lora_jax as lj
 import layer_cases
 from layer_cases import hand_delta, is_lw, randomize_b
 from lora_jax._src import combine as combine_src
+from lora_jax._src import merge_rules
 from lora_jax._src.interop.peft_unpack import unpack_peft
 
 LAYOUTS = ["dense", "dense_general", "einsum", "conv", "embed", "nn_scan", "nnx_scan"]
@@ -122,20 +123,20 @@ def _numpy_truncated_svd(d, w_shape, roles, rank):
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
-@pytest.mark.parametrize("rank", [None, 1, 99])
-def test_svd_is_numpys_truncated_svd_of_the_sum(name, rank):
+def test_svd_is_numpys_truncated_svd_of_the_sum(name):
   cfg = case(name)[3]
   params, lps = _adapters(name, [cfg, _config(name, rank=cfg.rank + 1, alpha=3.0)])
   weights = [0.6, 0.9]
-  out = lj.combine_adapters(lps, weights, method="svd", rank=rank)
   deltas = list(map(_all_deltas, lps))
-  for p, x in lj.adapter(out).items():
-    summed = sum(w * d[p] for w, d in zip(weights, deltas))
-    r = rank or max(lj.adapter(lp)[p].rank for lp in lps)
-    want = _numpy_truncated_svd(summed, _w_shape(x), x.roles, r)
-    _close(_delta_of(x), want, 2e-5)
-    assert x.rank == min(r, combine_src._matrices(x)[0].shape[1],
-                         combine_src._matrices(x)[1].shape[2])
+  for rank in (None, 1, 99):  # default: the largest input rank; 99: capped
+    out = lj.combine_adapters(lps, weights, method="svd", rank=rank)
+    for p, x in lj.adapter(out).items():
+      summed = sum(w * d[p] for w, d in zip(weights, deltas))
+      r = rank or max(lj.adapter(lp)[p].rank for lp in lps)
+      want = _numpy_truncated_svd(summed, _w_shape(x), x.roles, r)
+      _close(_delta_of(x), want, 2e-5)
+      a, b = combine_src._matrices(x)
+      assert x.rank == min(r, a.shape[1], b.shape[2])
 
 
 @pytest.mark.parametrize("name", ["dense", "conv", "nn_scan"])
@@ -160,6 +161,16 @@ def test_full_params_in_full_params_out():
   assert jax.tree.structure(out, is_leaf=is_lw) == jax.tree.structure(lps[0], is_leaf=is_lw)
   for x, y in zip(jax.tree.leaves(lj.base(out)), jax.tree.leaves(params)):
     np.testing.assert_array_equal(x, y)
+
+
+def test_combined_adapter_saves_and_loads_like_any_adapter(tmp_path):
+  cfg = case("dense")[3]
+  params, lps = _adapters("dense", [cfg, _config("dense", rank=2, rslora=True)])
+  combined = lj.combine_adapters([lj.adapter(lp) for lp in lps], [0.5, 0.5], method="cat")
+  lj.save_adapter(tmp_path / "ckpt", combined)
+  loaded = lj.adapter(lj.load_adapter(tmp_path / "ckpt", params))
+  for path, x in combined.items():
+    np.testing.assert_array_equal(lj.delta(loaded[path]), lj.delta(x))
 
 
 def test_trainable_leaves_combine_as_task_vectors():
@@ -249,20 +260,42 @@ PEFT_METHODS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def peft_three():
-  pm, params = _peft_model(PEFT_CONFIGS)
-  ours = [lj.adapter(_as_lora_jax(pm, params, f"a{i}")) for i in range(3)]
-  for i in range(3):  # the import is right: our ΔW is PEFT's
+def _peft_and_ours(configs):
+  pm, params = _peft_model(configs)
+  ours = [lj.adapter(_as_lora_jax(pm, params, f"a{i}")) for i in range(len(configs))]
+  for i in range(len(configs)):  # the import is right: our ΔW is PEFT's
     for path, module in TORCH.items():
       _close(_delta_of(ours[i][path]), _peft_delta(pm, module, f"a{i}"), 1e-6)
   return pm, ours
 
 
+@pytest.fixture(scope="module")
+def peft_three():
+  """Three adapters with different scales (alphas 8, 3, 4 and an alpha_pattern)."""
+  return _peft_and_ours(PEFT_CONFIGS)
+
+
+@pytest.fixture(scope="module")
+def peft_same_scale():
+  """Three adapters sharing one scale: lora_jax keeps it on the result."""
+  return _peft_and_ours([PEFT_CONFIGS[0]] * 3)
+
+
+@pytest.mark.filterwarnings("ignore:The density")  # PEFT's, for density=1.0
 @pytest.mark.parametrize("method,kw", PEFT_METHODS,
                          ids=[f"{m}-{'-'.join(map(str, kw.values()))}" for m, kw in PEFT_METHODS])
 def test_equals_peft_add_weighted_adapter(peft_three, method, kw):
-  pm, ours = peft_three
+  _check_against_peft(peft_three, method, kw)
+
+
+@pytest.mark.parametrize("method,kw", [("linear", {}), ("ties", {"density": 0.5}),
+                                       ("cat", {}), ("magnitude_prune", {"density": 0.5})])
+def test_equals_peft_when_scales_are_shared(peft_same_scale, method, kw):
+  _check_against_peft(peft_same_scale, method, kw)
+
+
+def _check_against_peft(pm_ours, method, kw):
+  pm, ours = pm_ours
   weights = [0.8, -0.4, 1.3]
   name = f"{method}_{len(pm.peft_config)}"
   pkw = dict(kw)
@@ -319,7 +352,7 @@ def test_dare_matches_a_numpy_reference_with_the_same_masks(method):
   for part, name, ws in ((0, "a", wa), (1, "b", wb)):
     keys = combine_src._keys(7, "k", part, len(ads))
     ts = np.stack([np.asarray(getattr(x["k"], name), np.float64) for x in ads])
-    masks = np.stack([np.asarray(combine_src.dare_mask(k, ts.shape[1:], density)) for k in keys])
+    masks = np.stack([np.asarray(merge_rules.dare_mask(k, ts.shape[1:], density)) for k in keys])
     assert abs(masks.mean() - density) < 0.03  # 3 x 960 or 720 Bernoulli draws
     t = ts * masks / density
     weighted = t * np.reshape(ws, (-1, 1, 1))
@@ -368,6 +401,16 @@ def test_different_targets_name_the_adapter_and_paths():
   with pytest.raises(ValueError, match=r"adapter 1 does not adapt the same kernels as "
                      r"adapter 0; it lacks:\n  params/Dense_1/kernel"):
     lj.combine_adapters([a0, a1], [1, 1])
+
+
+def test_full_params_on_different_base_weights_are_refused():
+  lps = _two()
+  other = jax.tree.map(lambda x: x.replace(w=x.w + 1.0) if is_lw(x) else x, lps[1], is_leaf=is_lw)
+  with pytest.raises(ValueError, match=r"adapter 1 at params/Dense_0/kernel: its base "
+                     r"kernel differs from adapter 0's"):
+    lj.combine_adapters([lps[0], other], [1, 1], method="cat")
+  views = [lj.adapter(lps[0]), lj.adapter(other)]  # views carry no base: nothing to compare
+  assert lj.combine_adapters(views, [1, 1], method="cat")
 
 
 def test_different_bases_name_the_adapter_and_path():

@@ -1,8 +1,7 @@
 """combine_adapters: one adapter from a weighted mix of several.
 
 The methods and their names are PEFT's ``add_weighted_adapter``'s; the merge
-rules (TIES, DARE, magnitude pruning) are PEFT's ``utils/merge_utils.py``
-written in jax.numpy. Each kernel is one matrix per stacked layer: ``a`` as
+rules (TIES, DARE, magnitude pruning) are in ``merge_rules``. Each kernel is one matrix per stacked layer: ``a`` as
 ``(S, in, r)`` and ``b`` as ``(S, r, out)`` with ``S`` the product of the
 stacked axes (1 when there are none), so every stacked layer is combined on
 its own, as PEFT combines each layer's module.
@@ -18,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src import tree
+from lora_jax._src.merge_rules import PRUNED as _PRUNED
+from lora_jax._src.merge_rules import merge as _merge
 from lora_jax._src.types import Params
 from lora_jax._src.weight import LoraWeight, Trainable, is_node
 
@@ -35,67 +36,7 @@ METHODS = {
     "magnitude_prune": ("factors", "magnitude_prune"),
     "magnitude_prune_svd": ("delta", "magnitude_prune"),
 }
-_PRUNED = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 _SIGNS = ("total", "frequency")
-
-
-# ----------------------------------------------------------------- merge rules
-# Each rule takes t: (N, S, ...) (N adapters, S stacked layers) and weights (N,).
-
-def _magnitude_prune(t, density: float):
-  """Keep the ``int(density · numel)`` largest |entries| of each layer (PEFT)."""
-  if density >= 1:
-    return t
-  n, s = t.shape[:2]
-  flat = t.reshape(n, s, -1)
-  k = int(density * flat.shape[-1])
-  if k == 0:
-    return jnp.zeros_like(t)
-  _, idx = jax.lax.top_k(jnp.abs(flat), k)
-  mask = jnp.zeros(flat.shape, bool)
-  mask = jax.vmap(jax.vmap(lambda m, i: m.at[i].set(True)))(mask, idx)
-  return (flat * mask).reshape(t.shape)
-
-
-def dare_mask(key: jax.Array, shape, density: float) -> jax.Array:
-  """DARE's Bernoulli(density) keep-mask for one adapter's tensor."""
-  return jax.random.bernoulli(key, density, shape)
-
-
-def _random_prune(t, density: float, keys):
-  """DARE: drop entries at random, rescale the survivors by 1/density."""
-  if density >= 1:
-    return t
-  masks = jnp.stack([dare_mask(k, t.shape[1:], density) for k in keys])
-  return t * masks / density
-
-
-def _weighted(t, weights):
-  return t * weights.reshape((-1,) + (1,) * (t.ndim - 1))
-
-
-def _majority_sign_mask(t, method: str):
-  sign = jnp.sign(t)
-  magnitude = t.sum(0) if method == "total" else sign.sum(0)
-  return sign == jnp.where(magnitude >= 0, 1.0, -1.0)[None]
-
-
-def _disjoint_merge(weighted, mask):
-  kept = (weighted * mask).sum(0)
-  return kept / jnp.maximum(mask.sum(0).astype(weighted.dtype), 1.0)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _merge(rule: str, t, weights, density, sign_method, keys):
-  if rule == "sum":
-    return _weighted(t, weights).sum(0)
-  if rule == "magnitude_prune":
-    return _weighted(_magnitude_prune(t, density), weights).sum(0)
-  if rule == "dare_linear":
-    return _weighted(_random_prune(t, density, keys), weights).sum(0)
-  t = _magnitude_prune(t, density) if rule == "ties" else _random_prune(t, density, keys)
-  mask = _majority_sign_mask(t, sign_method)
-  return _disjoint_merge(_weighted(t, weights), mask)
 
 
 # ------------------------------------------------------------ one kernel
@@ -197,30 +138,43 @@ def _check_args(adapters, weights, method, rank, density, sign_method) -> list[f
     raise ValueError(
         f"combine_adapters: got {len(weights)} weights for {len(adapters)} "
         "adapters; pass one weight per adapter, in the same order")
-  rule = METHODS[method][1]
-  if rule in _PRUNED:
-    if density is None:
-      raise ValueError(f"combine_adapters(method={method!r}) needs density=: the "
-                       "fraction of each tensor's entries kept, in (0, 1]")
-    low_ok = density > 0 if rule.startswith("dare") else density >= 0
-    if not (isinstance(density, numbers.Real) and low_ok and density <= 1):
-      raise ValueError(f"combine_adapters: density must be a number in "
-                       f"{'(0' if rule.startswith('dare') else '[0'}, 1], got {density!r}"
-                       + (" (DARE rescales by 1/density)" if rule.startswith("dare") else ""))
-  elif density is not None:
-    raise ValueError(f"combine_adapters: density= applies to {sorted(m for m, (_, r) in METHODS.items() if r in _PRUNED)}, "
-                     f"not to method={method!r}")
-  if rank is not None and METHODS[method][0] != "delta":
-    raise ValueError(
-        f"combine_adapters: rank= applies to the SVD methods "
-        f"{sorted(m for m, (w, _) in METHODS.items() if w == 'delta')}; "
-        f"method={method!r} keeps the adapters' ranks ('cat': their sum)")
-  if rank is not None and (not isinstance(rank, numbers.Integral) or rank < 1):
-    raise ValueError(f"combine_adapters: rank must be a positive int, got {rank!r}")
+  _check_density(method, density)
+  _check_rank(method, rank)
   if sign_method not in _SIGNS:
     raise ValueError(f"combine_adapters: majority_sign_method must be one of "
                      f"{_SIGNS}, got {sign_method!r}")
   return weights
+
+
+def _check_density(method: str, density) -> None:
+  rule = METHODS[method][1]
+  if rule not in _PRUNED:
+    if density is not None:
+      pruned = sorted(m for m, (_, r) in METHODS.items() if r in _PRUNED)
+      raise ValueError(f"combine_adapters: density= applies to {pruned}, "
+                       f"not to method={method!r}")
+    return
+  if density is None:
+    raise ValueError(f"combine_adapters(method={method!r}) needs density=: the "
+                     "fraction of each tensor's entries kept, in (0, 1]")
+  dare = rule.startswith("dare")
+  ok = isinstance(density, numbers.Real) and (0 < density <= 1 if dare else 0 <= density <= 1)
+  if not ok:
+    raise ValueError(f"combine_adapters: density must be a number in "
+                     f"{'(0' if dare else '[0'}, 1], got {density!r}"
+                     + (" (DARE rescales by 1/density)" if dare else ""))
+
+
+def _check_rank(method: str, rank) -> None:
+  if rank is None:
+    return
+  if METHODS[method][0] != "delta":
+    raise ValueError(
+        f"combine_adapters: rank= applies to the SVD methods "
+        f"{sorted(m for m, (w, _) in METHODS.items() if w == 'delta')}; "
+        f"method={method!r} keeps the adapters' ranks ('cat': their sum)")
+  if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
+    raise ValueError(f"combine_adapters: rank must be a positive int, got {rank!r}")
 
 
 def _weights(weights) -> list[float]:
@@ -284,6 +238,27 @@ def _check_same_kernels(all_nodes: list[dict]) -> None:
             f"combine_adapters: adapter {i} at {path}: {_describe(mine)}, but "
             f"adapter 0 has {_describe(theirs)}; the adapters were made for "
             "different base models (or layouts)")
+      _check_same_base(i, path, x, first[path])
+
+
+def _base_value(x):
+  return x.w if isinstance(x, LoraWeight) else x.base
+
+
+def _check_same_base(i: int, path: str, x, first) -> None:
+  """Full params carry their base kernels: those must be the same weights."""
+  mine, theirs = _base_value(x), _base_value(first)
+  if mine is None or theirs is None or mine is theirs:
+    return
+  if isinstance(mine, jax.core.Tracer) or isinstance(theirs, jax.core.Tracer):
+    return  # under jit: shapes were checked, values cannot be
+  if jnp.asarray(mine).dtype != jnp.asarray(theirs).dtype or not bool(
+      jnp.array_equal(mine, theirs)):
+    raise ValueError(
+        f"combine_adapters: adapter {i} at {path}: its base kernel differs from "
+        "adapter 0's (values or dtype); the adapters sit on different base "
+        "weights. Combine adapters of one base, e.g. lj.adapter(...) views, "
+        "and attach the result to that base.")
 
 
 def _check_ranks(method: str, all_nodes: list[dict]) -> None:
@@ -313,10 +288,11 @@ def combine_adapters(adapters: Sequence[Any], weights: Sequence[float],
   Every adapter must adapt the same kernels of the same base (same paths,
   layouts and shapes); ranks and scales may differ per adapter and per
   kernel (rsLoRA, rank/alpha patterns). Each adapter's own ``scale`` is kept
-  in the result, so one adapter with weight 1.0 gives back its own ΔW (for
-  ``linear`` and ``cat``: bit for bit when the scale is shared). PEFT
-  recomputes the scale of the result from a fresh config instead, which is
-  wrong by √r for rsLoRA adapters (PEFT issue #3761).
+  in the result, so one adapter with weight 1.0 gives back its own ΔW: bit
+  for bit (the same factors and scale) for every method but the SVD ones,
+  which agree to f32 rounding. PEFT gives the result a fresh config's scale
+  instead, so its ΔW is √r times too large for rsLoRA adapters (PEFT issue
+  #3761).
 
   Methods (ΔWᵢ = scaleᵢ · aᵢ @ bᵢ per kernel and stacked layer):
 
