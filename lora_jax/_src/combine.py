@@ -1,10 +1,11 @@
 """combine_adapters: one adapter from a weighted mix of several.
 
 The methods and their names are PEFT's ``add_weighted_adapter``'s; the merge
-rules (TIES, DARE, magnitude pruning) are in ``merge_rules``. Each kernel is one matrix per stacked layer: ``a`` as
-``(S, in, r)`` and ``b`` as ``(S, r, out)`` with ``S`` the product of the
-stacked axes (1 when there are none), so every stacked layer is combined on
-its own, as PEFT combines each layer's module.
+rules (TIES, DARE, magnitude pruning) are in ``merge_rules``. Each kernel is
+one matrix per stacked layer: ``a`` as ``(S, in, r)`` and ``b`` as
+``(S, r, out)`` with ``S`` the product of the stacked axes (1 when there are
+none), so every stacked layer is combined on its own, as PEFT combines each
+layer's module.
 """
 
 import functools
@@ -69,41 +70,47 @@ def _keys(seed, path: str, part: int, n: int):
 def _combine_kernel(path: str, lws: list[LoraWeight], weights, opts) -> LoraWeight:
   method, rank, density, sign_method, seed = opts
   where, rule = METHODS[method]
+  mats = [_matrices(lw) for lw in lws]
   scales = [float(lw.scale) for lw in lws]
+  if where == "delta":  # the kernel's size caps the rank
+    rank = min(rank or max(lw.rank for lw in lws), mats[0][0].shape[1], mats[0][1].shape[2])
+    a, b = _delta_svd(rule, mats, jnp.asarray(scales, jnp.float32),
+                      jnp.asarray(weights, jnp.float32), density, sign_method,
+                      _keys(seed, path, 2, len(lws)), rank)
+    return _as_node(lws[0], a, b, 1.0)
   # Keep a scale all adapters share (then one adapter x 1.0 is itself, bit for
   # bit); otherwise fold every adapter's own scale into its factors.
   common = scales[0] if len(set(scales)) == 1 and scales[0] != 0 else 1.0
   ratio = [w * s / common for w, s in zip(weights, scales)]
-  mats = [_matrices(lw) for lw in lws]
   if where == "cat":
     a = jnp.concatenate([x * c for (x, _), c in zip(mats, ratio)], axis=-1)
     b = jnp.concatenate([y for _, y in mats], axis=-2)
     return _as_node(lws[0], a, b, common)
-  if where == "factors":  # PEFT: sign·sqrt(|w·s|) on A, sqrt(|w·s|) on B
-    wa = jnp.asarray([np.sign(c or 1.0) * np.sqrt(abs(c)) for c in ratio], jnp.float32)
-    wb = jnp.asarray([np.sqrt(abs(c)) for c in ratio], jnp.float32)
-    a = _merge(rule, jnp.stack([x for x, _ in mats]), wa, density, sign_method,
-               _keys(seed, path, 0, len(lws)))
-    b = _merge(rule, jnp.stack([y for _, y in mats]), wb, density, sign_method,
-               _keys(seed, path, 1, len(lws)))
-    return _as_node(lws[0], a, b, common)
-  deltas = jnp.stack([s * (x @ y) for (x, y), s in zip(mats, scales)])
-  d = _merge(rule, deltas, jnp.asarray(weights, jnp.float32), density, sign_method,
-             _keys(seed, path, 2, len(lws)))
-  return _truncated_svd(lws[0], d, rank or max(lw.rank for lw in lws))
+  # PEFT: sign·sqrt(|w·s|) on A, sqrt(|w·s|) on B
+  wa = jnp.asarray([np.sign(c or 1.0) * np.sqrt(abs(c)) for c in ratio], jnp.float32)
+  wb = jnp.asarray([np.sqrt(abs(c)) for c in ratio], jnp.float32)
+  a = _merge(rule, jnp.stack([x for x, _ in mats]), wa, density, sign_method,
+             _keys(seed, path, 0, len(lws)))
+  b = _merge(rule, jnp.stack([y for _, y in mats]), wb, density, sign_method,
+             _keys(seed, path, 1, len(lws)))
+  return _as_node(lws[0], a, b, common)
 
 
-def _truncated_svd(like: LoraWeight, d, rank: int) -> LoraWeight:
-  """The best rank-``rank`` factors of each layer's ΔW (S, in, out):
-  ``a = U`` and ``b = Σ·Vᵀ`` (PEFT's arrangement, in lora_jax's (in, out))."""
-  rank = min(rank, d.shape[-2], d.shape[-1])
-  return _as_node(like, *_svd(d, rank), 1.0)
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 7))
+def _delta_svd(rule, mats, scales, weights, density, sign_method, keys, rank: int):
+  """Merge the ΔWᵢ by ``rule`` and keep the best rank-``rank`` factors,
+  ``a = U``, ``b = Σ·Vᵀ`` (PEFT's arrangement, in lora_jax's (in, out)).
 
-
-@functools.partial(jax.jit, static_argnums=1)
-def _svd(d, rank: int):
-  u, s, vt = jnp.linalg.svd(d, full_matrices=False)
-  return u[..., :rank], s[..., :rank, None] * vt[..., :rank, :]
+  One stacked layer at a time, so only N ΔW-sized buffers are alive.
+  """
+  def layer(xs):
+    factors, i = xs
+    d = jnp.stack([s * (x @ y) for (x, y), s in zip(factors, scales)])[:, None]
+    d = _merge(rule, d, weights, density, sign_method,
+               [jax.random.fold_in(k, i) for k in keys])[0]
+    u, sv, vt = jnp.linalg.svd(d, full_matrices=False)
+    return u[:, :rank], sv[:rank, None] * vt[:rank]
+  return jax.lax.map(layer, (mats, jnp.arange(mats[0][0].shape[0])))
 
 
 def _combine_trainable(path: str, nodes: list[Trainable], weights) -> Trainable:
