@@ -13,6 +13,7 @@ from lora_jax._src.checkpoint import adapter_args as adapter_args
 from lora_jax._src.checkpoint import load_adapter as load_adapter
 from lora_jax._src.checkpoint import read_description as read_description
 from lora_jax._src.checkpoint import save_adapter as save_adapter
+from lora_jax._src.combine import combine_adapters as combine_adapters
 from lora_jax._src.config import LoraConfig as LoraConfig
 from lora_jax._src.init import lora_init as lora_init
 from lora_jax._src.merge import adapter as adapter
@@ -47,6 +48,7 @@ __all__ = (
     "attach",
     "base",
     "combine",
+    "combine_adapters",
     "delta",
     "factor_specs",
     "labels",
