@@ -31,6 +31,7 @@ def generate(apply_fn: Callable[[Any, Array], Array], params: Any,
   (the causal mask hides the unfilled tail), so shapes are static and the
   loop is one ``lax.fori_loop``; it traces once and runs under ``jax.jit``.
   Fine for small models and examples; cost grows as ``N · (P + N)²``.
+  ``generate_cached`` returns the same tokens with a KV cache.
 
   Args:
     apply_fn: ``(params, ids) -> logits``, e.g.
