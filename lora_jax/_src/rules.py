@@ -257,8 +257,8 @@ def _ragged_dot(ctx, eqn, invals):
 
   The kernel is ``(E, in, out)`` in any axis order (group, contracting and
   free axis of ``ragged_dot_general``'s rhs); its adapter is one ``(in, r)``
-  / ``(r, out)`` pair per expert. Both skinny products are ``ragged_dot``\ s
-  with the same ``group_sizes``: each row meets only its own expert's factors,
+  / ``(r, out)`` pair per expert. Both skinny products are ``ragged_dot``
+  calls with the same ``group_sizes``: each row meets only its own expert's factors,
   and no ``(E, in, out)`` array is formed.
   """
   lhs, rhs, sizes = invals
