@@ -20,6 +20,7 @@ from lora_jax._src import layout, tree
 from lora_jax._src.interop.convert import ConversionError
 from lora_jax._src.interop.names import (LAYER, NameMap, as_target_map, fused_keys, leaf_layout,
                                          torch_index)
+from lora_jax._src.interop.peft_params import unpack_params
 from lora_jax._src.interop.peft_format import (PREFIX, check_config, is_io, is_targeted,
                                                kernel_modules, pattern_value, validate_config)
 from lora_jax._src.interop.tensors import leaf_from_torch, to_numpy
@@ -252,7 +253,10 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
   target_of = as_target_map(name_map)
   skip = [re.compile(p) for p in ignore]
   skipped = [k for k in tensors if _ignored(k, skip)]
-  groups, embedding, other = _parse_keys({k: None for k in tensors if k not in skipped})
+  by_param, consumed, param_problems, param_missing = unpack_params(
+      config, tensors, base, name_map, known_roles, dtype, PREFIX)
+  groups, embedding, other = _parse_keys({k: None for k in tensors
+                                          if k not in skipped and k not in consumed})
   rslora = bool(config.get("use_rslora", False))
   r0, alpha0 = int(config.get("r", 8)), config.get("lora_alpha", 8)
   unexpected, missing, mismatched, problems = [], [], [], []
@@ -302,7 +306,8 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
     if module not in groups and is_targeted(config, module) and not _ignored(module, skip):
       missing.append((path, f"{module}.lora_A / lora_B (targeted by target_modules)"))
 
-  problems += _fan_in_fan_out_problem(config, per_path, target_of)
+  problems += _fan_in_fan_out_problem(config, per_path, target_of) + param_problems
+  missing += param_missing
   inferred = {}
   if trace is not None:
     inferred = layout.infer_roles(trace, base, sorted(per_path))
@@ -351,6 +356,7 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
     out[path] = LoraWeight(w, jnp.asarray(a, fdtype), jnp.asarray(b, fdtype), scale=scale,
                            roles=full_roles, dropout=float(config.get("lora_dropout", 0.0)))
 
+  out.update(by_param)  # target_parameters (MoE experts), see peft_params
   for path, layers in trained.items():
     w = by_path[path]
     stacked = next(iter(layers)) is not None
