@@ -8,6 +8,7 @@ import numpy as np
 
 from lora_jax._src import layout, sharding, tree
 from lora_jax._src.config import LoraConfig
+from lora_jax._src.quant import abstract_quantized, is_quantized
 from lora_jax._src.types import Params
 from lora_jax._src.weight import LoraWeight, Trainable, factor_shapes, is_node, max_rank
 
@@ -24,6 +25,8 @@ def _init_a(key, shape, roles: str, rank: int, init: str, dtype):
 
 
 def _roles(path: str, leaf, config: LoraConfig, inferred: dict) -> str:
+  if is_quantized(leaf):
+    return leaf.roles  # fixed when it was quantized
   roles = config.layout_for(path) or inferred.get(path)
   if roles is None and np.ndim(leaf) == 2:
     roles = "io"
@@ -100,9 +103,16 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
                      f"and as trainable: {[paths[k] for k in both]}")
   for k in targets:
     _check_leaf(*leaves[k])
+  for k in trained:
+    if is_quantized(leaves[k][1]):
+      raise ValueError(
+          f"lora_init: {paths[k]} is a QuantizedWeight and cannot be trained in "
+          "full (its codes are integers). Drop it from LoraConfig.trainable, give "
+          "it an adapter (targets), or keep it out of QuantConfig.targets.")
   inferred = {}
   if trace is not None:
-    inferred = layout.infer_roles(trace, params, [paths[k] for k in targets])
+    inferred = layout.infer_roles(trace, abstract_quantized(params),
+                                  [paths[k] for k in targets])
 
   out = [x for _, x in leaves]
   keys = jax.random.split(key, len(targets))

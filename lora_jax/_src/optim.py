@@ -50,7 +50,23 @@ def optimizer(tx: optax.GradientTransformation, params: Params) -> optax.Gradien
     14
   """
   del params  # labels are computed from the params optax hands over
-  return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
+  return optax.multi_transform({TRAINABLE: tx, FROZEN: _frozen()}, labels)
+
+
+def _frozen() -> optax.GradientTransformation:
+  """``set_to_zero``; a float0 gradient (integer codes of a QuantizedWeight,
+  ``jax.grad(..., allow_int=True)``) becomes a zero of its param's dtype, so
+  ``optax.apply_updates`` leaves the codes as they are."""
+  def zero(u, p):
+    if getattr(u, "dtype", None) == jax.dtypes.float0 and hasattr(p, "dtype"):
+      return jax.numpy.zeros(p.shape, p.dtype)
+    return jax.numpy.zeros_like(u)
+
+  def update(updates, state, params=None):
+    if params is None:
+      return jax.tree.map(jax.numpy.zeros_like, updates), state
+    return jax.tree.map(zero, updates, params), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def split(params: Params) -> tuple[Params, Params]:

@@ -21,7 +21,7 @@ from lora_jax._src import layout, tree
 from lora_jax._src import quant_formats as fmt
 from lora_jax._src.config import _pattern_lookup, matcher
 from lora_jax._src.types import Params, Spec
-from lora_jax._src.weight import ROLES, _outside_lora
+from lora_jax._src.weight import ROLES, FrozenKernel, _outside_lora
 
 KINDS = tuple(fmt.CODEBOOKS)
 
@@ -82,7 +82,7 @@ def _perm(roles: str):
 
 
 @jax.tree_util.register_pytree_with_keys_class
-class QuantizedWeight:
+class QuantizedWeight(FrozenKernel):
   """A frozen kernel stored as packed blockwise codes and scales.
 
   Attributes:
@@ -326,3 +326,34 @@ def quantization_error(w, q: QuantizedWeight) -> dict:
   d = q.dequantize(jnp.float32) - w
   rel = jnp.linalg.norm(d) / jnp.maximum(jnp.linalg.norm(w), 1e-30)
   return {"rel_frobenius": float(rel), "max_abs": float(jnp.max(jnp.abs(d)))}
+
+
+def dense(w):
+  """``w`` itself, or its dequantized kernel if it is a QuantizedWeight."""
+  return w.dequantize() if is_quantized(w) else w
+
+
+def abstract_quantized(params: Params) -> Params:
+  """``params`` with each QuantizedWeight seen as a ShapeDtypeStruct (for traces)."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if is_quantized(x) else x,
+      params, is_leaf=is_quantized)
+
+
+def merge_requantized(params: Params, merge: Callable) -> tuple[Params, dict]:
+  """``merge`` with each adapted quantized kernel quantized again (see merge)."""
+  from lora_jax._src.weight import LoraWeight, is_node
+  leaves, treedef = tree.flatten(params, is_leaf=is_node)
+  merged = jax.tree_util.tree_leaves(merge(params), is_leaf=is_node)
+  out, report = [], {}
+  for (path, x), m in zip(leaves, merged):
+    if isinstance(x, LoraWeight) and is_quantized(x.w):
+      q = x.w
+      config = QuantConfig(kind=q.kind, block_size=q.block_size,
+                           double_quant=q.double_quant, compute_dtype=q.dtype)
+      new = _place_like(quantize_array(m, q.roles, config, path), m)
+      report[path] = quantization_error(m, new)
+      out.append(new)
+    else:
+      out.append(x if is_quantized(x) else m)
+  return jax.tree_util.tree_unflatten(treedef, out), report

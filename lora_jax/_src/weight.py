@@ -154,9 +154,16 @@ class Trainable:
     raise _outside_lora("Trainable leaf")
 
 
+class FrozenKernel:
+  """Base of nodes standing for a frozen kernel stored in another form
+  (``QuantizedWeight``): tree walks stop at them like at a LoraWeight."""
+
+  __slots__ = ()
+
+
 def is_node(x: Any) -> bool:
   """``is_leaf`` predicate that stops at lora_jax nodes."""
-  return isinstance(x, (LoraWeight, Trainable))
+  return isinstance(x, (LoraWeight, Trainable, FrozenKernel))
 
 
 def factor_shapes(shape, roles: str, rank: int):
