@@ -57,18 +57,28 @@ def loss_fn(logits, ids):
   return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
 
+HEAD = r"lm_head/kernel"
+VARIANTS = ("full", "lora", "qlora", "qlora+head")
+# the base model's forward pass (loss, no gradient) each variant is compared with
+FORWARD_OF = {"full": "forward", "lora": "forward", "qlora": "forward-nf4",
+              "qlora+head": "forward-nf4+head"}
+
+
 def abstract_params(cfg: LlamaConfig, variant: str, rank: int = 16):
-  """Shapes of the params of ``variant`` ("full", "lora", "qlora")."""
+  """Shapes of the params of ``variant``: "full", "lora", "qlora" (NF4
+  projections), "qlora+head" (lm_head NF4 too), "forward", "forward-nf4",
+  "forward-nf4+head" (the bases alone)."""
   params = init_params(cfg, abstract=True)
-  qconfig = lj.QuantConfig(kind="nf4", block_size=64, double_quant=True, targets=TARGETS,
+  targets = [TARGETS, HEAD] if variant.endswith("+head") else TARGETS
+  qconfig = lj.QuantConfig(kind="nf4", block_size=64, double_quant=True, targets=targets,
                            layouts={r"layers/.*": "sio"})
   lconfig = lj.LoraConfig(rank=rank, alpha=2 * rank, targets=TARGETS,
                           layouts={r"layers/.*": "sio"})
 
   def build(p):
-    if variant == "qlora":
+    if "nf4" in variant or "qlora" in variant:
       p = lj.quantize(p, qconfig)
-    if variant in ("lora", "qlora"):
+    if "lora" in variant:
       p = lj.lora_init(jax.random.key(0), p, lconfig)
     return p
   return params if variant in ("full", "forward") else jax.eval_shape(build, params)
@@ -88,14 +98,14 @@ def step_fn(model: Llama, variant: str, tx):
   return step
 
 
-def measure(shape: str, tokens: int, variants=("full", "lora", "qlora")) -> dict:
+def measure(shape: str, tokens: int, variants=VARIANTS) -> dict:
   cfg = llama_config(shape)
   model = Llama(cfg)
   ids = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
   out = {}
-  params = abstract_params(cfg, "forward")
-  fwd = jax.jit(lambda p, ids: loss_fn(model.apply({"params": p}, ids), ids))
-  out["forward"] = _memory(fwd.lower(params, ids).compile())
+  fwd = jax.jit(lj.lora(lambda p, ids: loss_fn(model.apply({"params": p}, ids), ids)))
+  for base in sorted({FORWARD_OF[v] for v in variants}):
+    out[base] = _memory(fwd.lower(abstract_params(cfg, base), ids).compile())
   for variant in variants:
     t0 = time.perf_counter()
     params = abstract_params(cfg, variant)
@@ -106,7 +116,8 @@ def measure(shape: str, tokens: int, variants=("full", "lora", "qlora")) -> dict
     m = _memory(step.lower(params, opt_state, ids).compile())
     m["params_bytes"] = _bytes(params)
     m["opt_state_bytes"] = _bytes(opt_state)
-    m["temp_beyond_forward"] = m["temp_size_in_bytes"] - out["forward"]["temp_size_in_bytes"]
+    m["temp_beyond_forward"] = (m["temp_size_in_bytes"]
+                                - out[FORWARD_OF[variant]]["temp_size_in_bytes"])
     m["compile_seconds"] = round(time.perf_counter() - t0, 1)
     out[variant] = m
     print(f"{variant}: {m}", file=sys.stderr, flush=True)
@@ -130,17 +141,21 @@ def markdown(shape: str, tokens: int, res: dict, platform: str) -> str:
   gib = lambda b: f"{b / GiB:.2f}"
   lines = [f"QLoRA memory proxies: Llama `{shape}` shape, batch 1 × {tokens} tokens, "
            f"scanned + remat, bf16, AdamW, r=16 on every projection; XLA "
-           f"`memory_analysis()` on {platform} (GiB). Base forward's own "
-           f"temporaries: {gib(res['forward']['temp_size_in_bytes'])}.", "",
+           f"`memory_analysis()` of the donated train step on {platform} (GiB). "
+           "qlora: NF4 projections (block 64, double quant); qlora+head: lm_head NF4 "
+           "too; embeddings and norms bf16. 'Beyond its forward' subtracts the "
+           "temporaries of the same base's forward pass (loss only): bf16 for full and "
+           "lora, the NF4 base for qlora.", "",
            "| variant | params | optimizer state | arguments | temporaries | "
-           "temporaries beyond the forward | compiled peak |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-  for v in ("full", "lora", "qlora"):
+           "its forward's temporaries | beyond its forward | compiled peak |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for v in VARIANTS:
     if v in res:
-      m = res[v]
+      m, f = res[v], res[FORWARD_OF[v]]
       lines.append(f"| {v} | {gib(m['params_bytes'])} | {gib(m['opt_state_bytes'])} | "
                    f"{gib(m['argument_size_in_bytes'])} | {gib(m['temp_size_in_bytes'])} | "
-                   f"{gib(m['temp_beyond_forward'])} | {gib(m['peak_bytes'])} |")
+                   f"{gib(f['temp_size_in_bytes'])} | {gib(m['temp_beyond_forward'])} | "
+                   f"{gib(m['peak_bytes'])} |")
   return "\n".join(lines) + "\n"
 
 
