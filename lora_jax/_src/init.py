@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._src import layout, sharding, tree
+from lora_jax._src import layout, quant_sharding, sharding, tree
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.quant import abstract_quantized, is_quantized
 from lora_jax._src.types import Params
@@ -128,7 +128,8 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
     dtype = config.dtype or w.dtype
     a = _init_a(key_k, w.shape, roles, rank, config.init, dtype)
     b = jnp.zeros(factor_shapes(w.shape, roles, rank)[1], dtype)
-    a, b = sharding.place_factors(w, a, b, roles)
+    place = quant_sharding.place_factors if is_quantized(w) else sharding.place_factors
+    a, b = place(w, a, b, roles)
     out[k] = LoraWeight(w, a, b, scale=config.scale_for(path), roles=roles,
                         dropout=float(config.dropout))
   for k in trained:

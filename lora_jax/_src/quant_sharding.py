@@ -55,3 +55,31 @@ def place_like(q, w):
   placed = [_put(x, mesh, sp) for x, sp in zip(leaves, s)]
   return type(q)(*placed, kind=q.kind, block_size=q.block_size,
                  inner_shape=q.inner_shape, inner_roles=q.inner_roles, dtype=q.dtype)
+
+
+def kernel_sharding(q):
+  """The NamedSharding of the kernel ``q`` stands for, read from its codes
+  (the spec of its stacked axes, first output axis and first input axis)."""
+  s = getattr(q.codes, "sharding", None)
+  if isinstance(q.codes, jax.core.Tracer) or not isinstance(s, NamedSharding):
+    return None
+  spec = tuple(s.spec) + (None,) * (q.codes.ndim - len(s.spec))
+  roles = q.roles
+  firsts = {r: roles.index(r) for r in "io"}
+  kernel = []
+  for d, r in enumerate(roles):
+    if r == "s":
+      kernel.append(spec[d])
+    else:
+      kernel.append(spec[-2 if r == "o" else -1] if d == firsts[r] else None)
+  return NamedSharding(s.mesh, PartitionSpec(*kernel))
+
+
+def place_factors(q, a, b, roles: str):
+  """``(a, b)`` sharded like the kernel a sharded QuantizedWeight stands for."""
+  from lora_jax._src import sharding
+  s = kernel_sharding(q)
+  if s is None:
+    return a, b
+  sa, sb = sharding.factor_shardings(s, roles)
+  return jax.device_put(a, sa), jax.device_put(b, sb)
