@@ -71,3 +71,10 @@ def test_adapter_holds_only_factors_and_attaches_to_quantized_or_plain_base(tmp_
   np.testing.assert_array_equal(lj.lora(f)(loaded, x), lj.lora(f)(lp, x))
   saved_bytes = sum(os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(path) for n in ns)
   assert saved_bytes < 4 * 128 * 32     # A/B only (~2.6 KB of floats), no base kernel
+
+
+def test_summary_counts_a_quantized_kernel_by_its_logical_size():
+  _, _, lp = _setup()
+  s = lj.summary(lp)
+  assert s.trainable == 4 * (128 + 32)
+  assert s.total == 128 * 32 + 64 * 16 + 16 + s.trainable

@@ -150,6 +150,11 @@ class QuantizedWeight(FrozenKernel):
     return len(self.shape)
 
   @property
+  def size(self) -> int:
+    """Parameters of the kernel it stands for (as ``lj.summary`` counts them)."""
+    return int(np.prod(self.shape))
+
+  @property
   def nbytes(self) -> int:
     return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(self))
 
