@@ -18,9 +18,11 @@ What it does (under a minute on 2 CPU cores; seconds with --fast):
 4. Report. Training losses and the final held-in losses side by side, the
    per-layer quantization errors, and a PNG (``out/qlora_llama/qlora_llama.png``).
 
-What to expect: NF4 moves each projection by ~10% (relative Frobenius); the
-adapters trained on the NF4 base reach a loss close to those on the bf16 base
-(they also learn to correct part of the quantization error).
+What to expect (measured with the defaults on CPU): NF4 moves each projection
+by ~9% (relative Frobenius, 0.090-0.097 per layer); over 200 steps the two
+runs' losses track each other step by step, ending at 0.51 nats/byte on the
+NF4 base and 0.53 on the bf16 base (from 4.41 / 4.45 for the bases alone):
+at this scale the 4-bit base costs nothing the adapters cannot absorb.
 
 Run:  python examples/qlora_llama.py [--steps 300] [--fast]
 """
@@ -111,7 +113,7 @@ def plot(curves: dict, errors: dict, path: str) -> None:
             width, label=f"layer {layer}")
   ax1.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names, rotation=30)
   ax1.set(ylabel="||W_nf4 - W|| / ||W||", title="NF4 quantization error")
-  ax1.legend()
+  ax1.legend(loc="lower right")
   save_figure(fig, path)
 
 
