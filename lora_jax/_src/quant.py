@@ -8,6 +8,13 @@
 is quantized on its own. ``lora()`` dequantizes a QuantizedWeight inside the
 operation that consumes it (see ``_src/quant_rules.py``); codes and scales
 are frozen (no gradient, no optimizer state).
+
+Training: the codes are integers, so take gradients with
+``jax.grad(loss, allow_int=True)`` (the codes get ``float0`` gradients, which
+``lj.optimizer`` turns into no-op updates: ``optax.apply_updates`` leaves them
+as they are), or with respect to the trainable part only
+(``trainable, frozen = lj.split(params)``). Plain ``jax.grad`` raises JAX's
+"grad requires real- or complex-valued inputs ... set allow_int to True".
 """
 
 import dataclasses
