@@ -161,3 +161,20 @@ def test_dequantize_tree_and_repr():
   d = lj.dequantize(q)
   assert d["b"] is p["b"] and d["k"].shape == (64, 8)
   assert "nf4[64, 8]" in repr(q["k"])
+
+
+def test_quantizing_a_layer_holds_about_one_float32_copy_of_it():
+  from lora_jax._src import quant
+  layer = jax.ShapeDtypeStruct((1024, 512), jnp.bfloat16)
+  for kind in ("nf4", "int8"):
+    c = quant._quantize_layer.lower(layer, kind, 64, True).compile()
+    # no (values x codebook) comparison table is materialized
+    assert c.memory_analysis().temp_size_in_bytes <= 2 * 1024 * 512 * 4
+
+
+def test_int8_rounding_counts_midpoints_like_searchsorted():
+  mids = fmt._midpoints(fmt.CODEBOOKS["int8"])
+  v = jnp.concatenate([jnp.linspace(-1, 1, 200001, dtype=jnp.float32), mids,
+                       jnp.nextafter(mids, 2.0), jnp.nextafter(mids, -2.0)])
+  np.testing.assert_array_equal(fmt._nearest(v, "int8"),
+                                jnp.searchsorted(mids, v, side="left"))

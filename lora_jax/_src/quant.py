@@ -18,6 +18,7 @@ as they are), or with respect to the trainable part only
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -206,14 +207,30 @@ def quantize_array(w, roles: str, config: QuantConfig, path: str = "kernel") -> 
   stack = w.shape[:ns]
   outs = int(np.prod([w.shape[d] for d in perm if roles[d] == "o"]))
   ins = int(np.prod([w.shape[d] for d in perm if roles[d] == "i"]))
-  m = jnp.transpose(w, perm).reshape(stack + (outs, ins))
-  codes, absmax = fmt.quantize_blocks(m, config.kind, config.block_size)
-  absmax2 = offset = None
-  if config.double_quant:
-    absmax, absmax2, offset = fmt.quantize_absmax(absmax)
+  m = jnp.transpose(w, perm).reshape((-1, outs, ins))
+  parts = _quantize_layers(m, config.kind, config.block_size, config.double_quant)
+  codes, absmax, absmax2, offset = [
+      None if x is None else x.reshape(stack + x.shape[1:]) for x in parts]
   return QuantizedWeight(codes, absmax, absmax2, offset, kind=config.kind,
                          block_size=config.block_size, inner_shape=w.shape[ns:],
                          inner_roles=roles[ns:], dtype=config.compute_dtype or w.dtype)
+
+
+def _quantize_layers(m, kind: str, block_size: int, double_quant: bool):
+  """Quantize ``m`` (layers, out, in) one layer at a time: the float32
+  temporaries are one layer's (a loop inside one XLA program would let
+  XLA:CPU hoist the float32 convert of the whole stack out of it)."""
+  outs = [_quantize_layer(m[k], kind, block_size, double_quant) for k in range(m.shape[0])]
+  return [None if outs[0][j] is None else jnp.stack([o[j] for o in outs])
+          for j in range(4)]
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _quantize_layer(layer, kind: str, block_size: int, double_quant: bool):
+  codes, absmax = fmt.quantize_blocks(layer, kind, block_size)
+  if not double_quant:
+    return codes, absmax, None, None
+  return (codes,) + fmt.quantize_absmax(absmax)
 
 
 def _check_kernel(path: str, w, roles: str, config: QuantConfig) -> None:

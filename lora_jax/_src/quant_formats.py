@@ -107,10 +107,22 @@ def quantize_blocks(m: jax.Array, kind: str, block_size: int):
   absmax = jnp.max(jnp.abs(blocks), axis=-1)
   inv = 1.0 / jnp.maximum(absmax, jnp.float32(1e-38))
   scaled = jnp.clip(blocks * inv[..., None], -1.0, 1.0).reshape(x.shape)
-  q = jnp.searchsorted(_midpoints(CODEBOOKS[kind]), scaled, side="left",
-                       method="compare_all" if BITS[kind] == 4 else "scan")
-  q = q.astype(jnp.uint8)
+  q = _nearest(scaled, kind).astype(jnp.uint8)
   return (pack4(q) if BITS[kind] == 4 else q), absmax
+
+
+def _nearest(v: jax.Array, kind: str) -> jax.Array:
+  """Index of the nearest codebook entry (ties to the lower one): the number of
+  midpoints below ``v``, as ``torch.bucketize`` / ``searchsorted`` count them."""
+  mids = _midpoints(CODEBOOKS[kind])
+  if BITS[kind] == 4:  # 15 comparisons, fused into one pass
+    return jnp.searchsorted(mids, v, side="left", method="compare_all")
+  # int8: the codebook is uniform ((k - 128) / 127), so round, then settle the
+  # answer with the two midpoints around it (no 255-way comparison)
+  c = jnp.clip(jnp.round(v * 127.0).astype(jnp.int32) + 128, 1, 255)
+  padded = jnp.concatenate([mids, jnp.full((1,), jnp.inf, jnp.float32)])
+  return (c - 1 + (v > padded[c - 1]).astype(jnp.int32)
+          + (v > padded[c]).astype(jnp.int32))
 
 
 def dequantize_blocks(codes: jax.Array, absmax: jax.Array, kind: str, dtype):
