@@ -183,7 +183,7 @@ def node_problems(path: str, x, need=("w", "a", "b", "value", "base")) -> list[s
   reported (``w=None``: an adapter alone; ``None`` elsewhere: a half of
   ``split``), then the factors' shapes.
   """
-  if not is_node(x):
+  if not isinstance(x, (LoraWeight, Trainable)):  # a plain leaf or a frozen kernel
     return []
   kind = "LoraWeight" if isinstance(x, LoraWeight) else "Trainable leaf"
   fields = ("w", "a", "b") if isinstance(x, LoraWeight) else ("value", "base")
@@ -363,9 +363,16 @@ class Trainable(_NotAnArray):
     return f"Trainable(value={getattr(self.value, 'dtype', '')}{list(shape or ())})"
 
 
+class FrozenKernel:
+  """Base of nodes standing for a frozen kernel stored in another form
+  (``QuantizedWeight``): tree walks stop at them like at a LoraWeight."""
+
+  __slots__ = ()
+
+
 def is_node(x: Any) -> bool:
   """``is_leaf`` predicate that stops at lora_jax nodes."""
-  return isinstance(x, (LoraWeight, Trainable))
+  return isinstance(x, (LoraWeight, Trainable, FrozenKernel))
 
 
 def factor_shapes(shape, roles: str, rank: int):
