@@ -126,7 +126,7 @@ def _lora_mixtral(cfg, rank=4, targets=r".*experts/.*"):
 
 
 def test_mixtral_expert_adapters_are_factored():
-  cfg = MixtralConfig.tiny()
+  cfg = MixtralConfig.tiny(num_hidden_layers=1)
   _, lp, apply, ids = _lora_mixtral(cfg)
   gu = lp["layers_0"]["mlp"]["experts"]["gate_up_proj"]
   assert gu.roles == "soi" and gu.a.shape == (4, 32, 4) and gu.b.shape == (4, 4, 96)
@@ -161,7 +161,7 @@ def _train_step_flops(loss, params, tx):
 
 
 def test_mixtral_lora_train_step_costs_less_than_full_finetuning():
-  cfg = MixtralConfig.tiny(hidden_size=64, intermediate_size=128, num_local_experts=8)
+  cfg = MixtralConfig.tiny(num_hidden_layers=1)
   params, lp, apply, ids = _lora_mixtral(cfg, rank=4)
 
   def loss_of(f):
@@ -172,7 +172,7 @@ def test_mixtral_lora_train_step_costs_less_than_full_finetuning():
   full = _train_step_flops(loss_of(apply), params, optax.adam(1e-3))
   lora = _train_step_flops(loss_of(lj.lora(apply, strict=True)), lp,
                            lj.optimizer(optax.adam(1e-3), lp))
-  assert lora < 0.9 * full, (lora, full)
+  assert lora < 0.8 * full, (lora, full)  # measured 0.58 (XLA CPU cost_analysis)
 
 
 def test_mixtral_expert_adapter_checkpoint_round_trip(tmp_path):

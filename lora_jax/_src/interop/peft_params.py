@@ -49,8 +49,8 @@ def adapter_keys(params: list[str]) -> dict[str, str]:
   """``{param_key: PEFT module prefix}``: ``.base_layer`` once per outer wrapper.
 
   Example:
-    >>> adapter_keys(["m.experts.down_proj", "m.experts.gate_up_proj"])
-    {'m.experts.down_proj': 'm.experts', 'm.experts.gate_up_proj': 'm.experts.base_layer'}
+    >>> sorted(adapter_keys(["m.experts.down_proj", "m.experts.gate_up_proj"]).items())
+    [('m.experts.down_proj', 'm.experts'), ('m.experts.gate_up_proj', 'm.experts.base_layer')]
   """
   by_module: dict[str, list[str]] = {}
   for key in params:
