@@ -17,7 +17,8 @@ from lora_jax._src import tree
 from lora_jax._src.interop.convert import ConversionError
 from lora_jax._src.interop.names import LAYER, NameMap, as_target_map, leaf_layout, torch_keys
 from lora_jax._src.interop.peft_format import PREFIX, is_io, kernel_modules
-from lora_jax._src.interop.peft_params import adapter_keys, factors_to_peft, param_leaves
+from lora_jax._src.interop.peft_params import (EXPERT_ROLES, adapter_keys, factors_to_peft,
+                                               param_leaves)
 from lora_jax._src.interop.tensors import leaf_to_torch, to_numpy
 from lora_jax._src.merge import base as _base
 from lora_jax._src.weight import LoraWeight, Trainable, is_node
@@ -149,9 +150,10 @@ def pack_peft(params: Any, name_map: NameMap, *, use_rslora: bool = False,
         saved.append(k.rsplit(".", 1)[0])
       continue
     if key in expert_params and isinstance(x, LoraWeight):
-      if x.roles != "soi":
-        problems.append(f"{path}: roles {x.roles!r}; PEFT adapts a 3-D parameter "
-                        f"{key!r} as (experts, out, in), i.e. roles 'soi'")
+      if x.roles not in EXPERT_ROLES:
+        problems.append(f"{path}: roles {x.roles!r}; PEFT adapts a 3-D parameter {key!r} "
+                        "as (experts, out, in) or [experts, in, out], i.e. roles 'soi' "
+                        "or 'sio'")
         continue
       if x.dropout:
         problems.append(f"{path}: dropout {x.dropout}; PEFT's ParamWrapper (target_parameters) "

@@ -20,7 +20,7 @@ from lora_jax._src import layout, tree
 from lora_jax._src.interop.convert import ConversionError
 from lora_jax._src.interop.names import (LAYER, NameMap, as_target_map, fused_keys, leaf_layout,
                                          torch_index)
-from lora_jax._src.interop.peft_params import unpack_params
+from lora_jax._src.interop.peft_params import param_leaves, unpack_params
 from lora_jax._src.interop.peft_format import (PREFIX, check_config, is_io, is_targeted,
                                                kernel_modules, pattern_value, validate_config)
 from lora_jax._src.interop.tensors import leaf_from_torch, to_numpy
@@ -214,7 +214,8 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
       ``lora_jax.interop.torch``).
     trace: optional ``lambda p: model.apply(p, x)``; only needed when a 3+-D
       kernel's shape splits into PEFT's ``(in, out)`` in several ways (size-1
-      axes).
+      axes), and for ``target_parameters`` expert tensors stored
+      ``[E, in, out]`` (roles ``"sio"``; HF's ``(E, out, in)`` is the default).
     dtype: dtype of the factors; the kernel's by default.
     ignore: regexes; a tensor whose key (with or without ``base_model.model.``)
       or torch module name ``re.fullmatch``-es one is skipped knowingly, and a
@@ -253,8 +254,12 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
   target_of = as_target_map(name_map)
   skip = [re.compile(p) for p in ignore]
   skipped = [k for k in tensors if _ignored(k, skip)]
+  param_roles = dict(known_roles)
+  if trace is not None and config.get("target_parameters"):
+    traced = layout.infer_roles(trace, base, sorted(param_leaves(base, name_map).values()))
+    param_roles = {**traced, **known_roles}
   by_param, consumed, param_problems, param_missing = unpack_params(
-      config, tensors, base, name_map, known_roles, dtype, PREFIX)
+      config, tensors, base, name_map, param_roles, dtype, PREFIX)
   groups, embedding, other = _parse_keys({k: None for k in tensors
                                           if k not in skipped and k not in consumed})
   rslora = bool(config.get("use_rslora", False))
@@ -365,12 +370,12 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
       missing.append((path, f"modules_to_save tensors for layers "
                             f"{sorted(set(range(n)) - set(layers))}"))
       continue
-    layout = leaf_layout(path, target_of(path).layout)
+    torch_layout = leaf_layout(path, target_of(path).layout)  # not `layout`: the module
     shape = tuple(w.shape[1:] if stacked else w.shape)
     vals = []
     for layer in (range(n) if stacked else [None]):
       x = to_numpy(tensors[layers[layer]])
-      v = leaf_from_torch(x, shape, layout)
+      v = leaf_from_torch(x, shape, torch_layout)
       if v is None:
         mismatched.append((path, layers[layer], f"torch {x.shape} does not convert to {shape}"))
         break
