@@ -23,10 +23,18 @@ def _init_a(key, shape, roles: str, rank: int, init: str, dtype):
   return a.astype(dtype)
 
 
-def _roles(path: str, leaf, config: LoraConfig, inferred: dict) -> str:
+def _roles(path: str, leaf, config: LoraConfig, inferred: dict,
+           why: dict | None = None) -> str:
   roles = config.layout_for(path) or inferred.get(path)
   if roles is None and np.ndim(leaf) == 2:
     roles = "io"
+  if roles is None and why is not None:  # a trace was given and did not settle it
+    raise ValueError(
+        f"lora_init: the trace could not tell the layout of {path}: "
+        f"{why.get(path, 'it never reached the traced model')}. Name it in "
+        "LoraConfig(layouts={regex: roles}) with one role per axis: 's' "
+        "stacked (one adapter per entry), 'i' input, 'o' output, e.g. 'sio', "
+        "'ioo', 'iio', 'iiio'.")
   if roles is None:
     raise ValueError(
         f"lora_init: cannot tell the layout of {path} with shape "
@@ -100,15 +108,16 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
                      f"and as trainable: {[paths[k] for k in both]}")
   for k in targets:
     _check_leaf(*leaves[k])
-  inferred = {}
+  inferred, why = {}, None
   if trace is not None:
-    inferred = layout.infer_roles(trace, params, [paths[k] for k in targets])
+    why = {}
+    inferred = layout.infer_roles(trace, params, [paths[k] for k in targets], why)
 
   out = [x for _, x in leaves]
   keys = jax.random.split(key, len(targets))
   for key_k, k in zip(keys, targets):
     path, w = leaves[k]
-    roles = _roles(path, w, config, inferred)
+    roles = _roles(path, w, config, inferred, why)
     rank = config.rank_for(path)
     if rank > max_rank(w.shape, roles):
       raise ValueError(

@@ -230,19 +230,55 @@ def _conv(ctx, eqn, invals):
   return [y + _rank_to(z, dn.out_spec[1], v).astype(y.dtype)]
 
 
+def _point_gather(ctx, eqn, invals):
+  """``w[i]`` / ``jnp.take(w, i, axis)``: the same gather on each factor.
+
+  Each factor is indexed on the axes of V it holds, with the index entries
+  for those axes; its rank axis is kept whole. The result stays lazy.
+  """
+  v, idx = invals
+  p = eqn.params
+  dn = p["dimension_numbers"]
+  sim, sizes = dn.start_index_map, p["slice_sizes"]
+  if idx.ndim != 1 or idx.shape[0] != len(sim):
+    return fallback(ctx, eqn, invals)
+  kept = [d for d in range(v.ndim) if d not in dn.collapsed_slice_dims]
+  renumber = {d: k for k, d in enumerate(kept)}
+  renumber[None] = None
+
+  def cut(x, dims):
+    sel = [j for j, d in enumerate(sim) if d in dims]
+    collapsed = tuple(dims.index(d) for d in dn.collapsed_slice_dims if d in dims)
+    n_out = x.ndim - len(collapsed)
+    f_dn = lax.GatherDimensionNumbers(
+        offset_dims=tuple(range(n_out)), collapsed_slice_dims=collapsed,
+        start_index_map=tuple(dims.index(sim[j]) for j in sel))
+    f_sizes = tuple(_per_axis(dims, x, lambda d: sizes[d], lambda n: n))
+    y = lax.gather(x, idx[jnp.asarray(sel, jnp.int32)], f_dn, f_sizes,
+                   mode=p["mode"], fill_value=p["fill_value"])
+    return y, [renumber[d] for d in dims if d not in dn.collapsed_slice_dims]
+
+  a, a_dims = cut(v.a, v.a_dims)
+  b, b_dims = cut(v.b, v.b_dims)
+  w = bind(eqn, [v.w, idx])[0]
+  return [v.replace(w=w, a=a, b=b, a_dims=a_dims, b_dims=b_dims)]
+
+
 def _gather(ctx, eqn, invals):
   v, idx = invals
   p = eqn.params
   dn = p["dimension_numbers"]
+  point = (not is_lazy(idx) and not dn.operand_batching_dims
+           and len(dn.offset_dims) == len(eqn.outvars[0].aval.shape))
   b_axes = [d for d in v.b_dims if d is not None]
   if is_lazy(idx) or dn.operand_batching_dims or len(b_axes) != 1:
-    return fallback(ctx, eqn, invals)
+    return _point_gather(ctx, eqn, invals) if point else fallback(ctx, eqn, invals)
   out_axis = b_axes[0]
   sizes = list(p["slice_sizes"])
   a_kernel = _a_as_kernel(v, out_axis)
   if (a_kernel is None or out_axis in dn.start_index_map
       or out_axis in dn.collapsed_slice_dims or sizes[out_axis] != v.shape[out_axis]):
-    return fallback(ctx, eqn, invals)
+    return _point_gather(ctx, eqn, invals) if point else fallback(ctx, eqn, invals)
   y = bind(eqn, [lax.stop_gradient(v.w), idx])[0]
   sizes[out_axis] = v.a.shape[v.a_dims.index(None)]
   params = dict(p, slice_sizes=tuple(sizes))

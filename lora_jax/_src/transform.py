@@ -1,6 +1,6 @@
 """``lora(fn)``: run an unmodified model on params holding LoraWeight nodes.
 
-How it works (see DESIGN.md): ``fn`` is traced with ``jax.make_jaxpr`` with
+How it works: ``fn`` is traced with ``jax.make_jaxpr`` with
 every ``LoraWeight`` seen as an abstract array of ``w``'s shape and dtype, and
 the jaxpr is evaluated by a small interpreter in which a LoraWeight is a lazy
 value ``V = w + scale · a ⊗ b`` (``_Lazy``). The rules in ``_src/rules.py``
