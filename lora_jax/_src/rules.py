@@ -219,8 +219,10 @@ def _conv(ctx, eqn, invals):
   x, v = invals
   p = eqn.params
   dn = p["dimension_numbers"]
-  if is_lazy(x) or p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+  if is_lazy(x) or p["batch_group_count"] != 1:
     return fallback(ctx, eqn, invals)
+  if p["feature_group_count"] != 1:
+    return _grouped_conv(ctx, eqn, x, v)
   a_kernel = _a_as_kernel(v, dn.rhs_spec[0])
   if a_kernel is None:
     return fallback(ctx, eqn, invals)
@@ -228,6 +230,24 @@ def _conv(ctx, eqn, invals):
   z = bind(eqn, [ctx.dropout(x, v.dropout), a_kernel])[0]
   z = z * jnp.asarray(v.scale, z.dtype)
   return [y + _rank_to(z, dn.out_spec[1], v).astype(y.dtype)]
+
+
+def _grouped_conv(ctx, eqn, x, v: _Lazy):
+  """A grouped or depthwise conv runs on ``W + ΔW``: a deliberate choice.
+
+  ΔW = s·A·B is low rank over the kernel's own (kh·kw·in/groups, out)
+  matrix, so it merges exactly. Factored, every group would meet the whole
+  of ``a`` (a conv with groups·r outputs) and then a block-diagonal 1x1:
+  measured on CPU, a train step of a 7x7 depthwise conv (96 channels) took
+  62 s factored against 0.22 s on ``W + ΔW``, and a 32-group 3x3 conv 15 s
+  against 11 s. The kernel is small, so ``W + ΔW`` is cheap. With dropout
+  on, the branch is ``conv(drop(x), ΔW)`` added to ``conv(x, W)``.
+  """
+  if v.dropout == 0.0 or ctx.rng is None:
+    return bind(eqn, [x, v.materialize()])
+  delta = v.replace(w=jnp.zeros_like(v.w)).materialize()
+  y = bind(eqn, [x, lax.stop_gradient(v.w)])[0]
+  return [y + bind(eqn, [ctx.dropout(x, v.dropout), delta])[0]]
 
 
 def _point_gather(ctx, eqn, invals):

@@ -185,7 +185,7 @@ def _split_args(args, kwargs):
     if isinstance(leaf, Trainable):
       leaf = leaf.value
     if isinstance(leaf, LoraWeight):
-      dynamic.append(_Lazy.from_weight(leaf, tree.path_str(path)))
+      dynamic.append(_Lazy.from_weight(leaf, tree.path_str(path[2:])))  # not (args, 0)
       abstract.append(jax.ShapeDtypeStruct(leaf.w.shape, leaf.w.dtype))
     elif tree.is_array(leaf) or isinstance(leaf, jax.core.Tracer):
       dynamic.append(leaf)
