@@ -67,8 +67,15 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
               trace: Callable[[Params], Any] | None = None) -> Params:
   """Replace each selected kernel by a ``LoraWeight(w, a, b)``.
 
-  ``b`` is zero, so the model's output is unchanged, bit for bit. Leaves
-  selected by ``config.trainable`` become ``Trainable(value, base)``.
+  ``b`` is zero, so under ``lora(fn)`` every adapted product is exactly
+  ``x·W`` (the LoRA branch adds exact zeros) and the model's output equals
+  the base model's to floating-point rounding: usually bit for bit, within
+  a few ulps of the output's scale where XLA rounds the surrounding ops
+  differently (it may fuse a base product with the next add into one FMA
+  only while no branch is added, e.g. a size-1 contraction before a bias or
+  BatchNorm; eagerly, ops that ``jax.numpy`` runs as one compiled call, such
+  as ``var``, run one by one). Leaves selected by ``config.trainable``
+  become ``Trainable(value, base)``.
 
   Args:
     key: a PRNG key for the ``a`` factors.

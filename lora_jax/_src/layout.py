@@ -16,10 +16,10 @@ matmul, conv or gather that consumes it:
 Transposes, reshapes, casts, slices and calls (jit, checkpoint, cond, while,
 custom_jvp) are followed through. An axis that is indexed away (``w[0]``:
 a slice or dynamic_slice then a squeeze, or a gather of one point) picks one
-of several independent matrices, so it is stacked (``s``), as in Gemma's
-``(2, d, ff)`` gating kernel. An axis of size 1 that no consumer settles
-(dropped by a reshape or squeeze) takes a neighbour's role: any role is exact
-for it. When a kernel has several consumers the first one in program order
+of several independent matrices, so unless a consumer settles it otherwise
+it is stacked (``s``), as in Gemma's ``(2, d, ff)`` gating kernel. An axis
+of size 1 that no consumer settles (dropped by a reshape or squeeze) takes a
+neighbour's role: any role is exact for it. When a kernel has several consumers the first one in program order
 decides (a tied embedding is an embedding).
 """
 
@@ -81,6 +81,7 @@ class _Walker:
   def __init__(self, shapes):
     self.shapes = [tuple(s) for s in shapes]
     self.roles: list[dict[int, str]] = [dict() for _ in shapes]
+    self.indexed: list[set[int]] = [set() for _ in shapes]  # 's' unless a consumer says
     self.stopped: list[str | None] = [None] * len(shapes)  # first op not followed
 
   def record(self, kernel: int, axes, role: str):
@@ -98,7 +99,7 @@ class _Walker:
     kept = {d for oi, _ in reshape_groups(old_shape, new_shape) for d in oi}
     for d, ax in enumerate(axes):
       if d not in kept:
-        self.record(k, [a for a in ax if self.shapes[k][a] != 1], "s")
+        self.indexed[k].update(a for a in ax if self.shapes[k][a] != 1)
 
   def walk(self, jaxpr, in_maps):
     env = {}
@@ -208,7 +209,7 @@ def _point_gather_map(eqn, amap, walker):
   k, axes = amap
   dn = eqn.params["dimension_numbers"]
   for d in dn.collapsed_slice_dims:
-    walker.record(k, [a for a in axes[d] if walker.shapes[k][a] != 1], "s")
+    walker.indexed[k].update(a for a in axes[d] if walker.shapes[k][a] != 1)
   kept = [axes[d] for d in range(len(axes)) if d not in dn.collapsed_slice_dims]
   return (k, tuple(kept))
 
@@ -276,7 +277,8 @@ def infer_roles(trace: Callable[[Any], Any], params, paths: list[str],
   out = {}
   for path, n in wanted.items():
     shape = shapes[path]
-    found = _fill_unit_axes(shape, walker.roles[n])
+    found = {**{d: "s" for d in walker.indexed[n]}, **walker.roles[n]}
+    found = _fill_unit_axes(shape, found)
     if len(found) == len(shape):
       out[path] = "".join(found[d] for d in range(len(shape)))
     elif why is not None:
