@@ -6,10 +6,12 @@ the jaxpr is evaluated by a small interpreter in which a LoraWeight is a lazy
 value ``V = w + scale · a ⊗ b`` (``_Lazy``). The rules in ``_src/rules.py``
 compute each consumer in factored form: ``dot_general`` becomes
 ``x·w + s·((x·a)·b)``, a conv becomes ``conv(x, w) + s·conv1x1(conv(x, a), b)``,
-a row gather becomes ``take(w) + s·take(a)·b``; transposes, reshapes, casts
-and slices stay lazy; scan / while / cond / checkpoint are re-emitted through
-their public APIs with the body interpreted. Anything else materializes
-``w + ΔW`` (correct) and warns once, or raises with ``strict=True``.
+a row gather becomes ``take(w) + s·take(a)·b``; transposes, reshapes, casts,
+slices and indexing (``w[i]``) stay lazy; scan / while / cond / checkpoint
+are re-emitted through their public APIs with the body interpreted. A
+grouped or depthwise conv runs on ``w + ΔW`` by design (cheaper there; see
+``rules._grouped_conv``). Anything else materializes ``w + ΔW`` (correct)
+and warns once, or raises with ``strict=True``.
 
 Under ``jax.jit`` all of this runs once, at trace time.
 """
