@@ -114,7 +114,8 @@ def _gemma_gating(p, x):
 
 def _indexed(p, x, i):
   return (x @ p["dyn"][i] + x @ jnp.take(p["take"], 1, axis=0)
-          + x @ p["unit"].reshape(6, 5) + x @ jnp.squeeze(p["sq"], 1))
+          + x @ p["unit"].reshape(6, 5) + x @ jnp.squeeze(p["sq"], 1)
+          + jnp.einsum("bd,lde->lbe", x, jnp.expand_dims(p["sq"][:, 0], 0))[0])
 
 
 def _indexed_params():

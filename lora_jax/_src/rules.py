@@ -112,6 +112,16 @@ def _reshape(ctx, eqn, invals):
   return [v.replace(w=w, a=ra[0], a_dims=ra[1], b=rb[0], b_dims=rb[1])]
 
 
+def _broadcast(ctx, eqn, invals):
+  """``w[None]`` / ``expand_dims``: only size-1 axes are added, a reshape."""
+  old, new = invals[0].shape, tuple(eqn.outvars[0].aval.shape)
+  dims = eqn.params["broadcast_dimensions"]
+  if len(invals) > 1 or layout._prod(old) != layout._prod(new) or any(
+      old[a] != new[b] for a, b in enumerate(dims)):
+    return fallback(ctx, eqn, invals)
+  return _reshape(ctx, eqn, invals)
+
+
 def _per_axis(dims, x, of_v, rank_value):
   """For each axis of factor ``x``: ``of_v(d)`` for V's axis d, else the rank's."""
   return [rank_value(n) if d is None else of_v(d) for d, n in zip(dims, x.shape)]
@@ -405,7 +415,7 @@ RULES = {
     "convert_element_type": _cast,
     "copy": _w_only, "copy_p": _w_only, "sharding_constraint": _constrain,
     "transpose": _transpose,
-    "reshape": _reshape, "squeeze": _reshape,
+    "reshape": _reshape, "squeeze": _reshape, "broadcast_in_dim": _broadcast,
     "slice": _slice, "dynamic_slice": _dynamic_slice, "rev": _rev,
     "dot_general": _dot_general,
     "conv_general_dilated": _conv,
