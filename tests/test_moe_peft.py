@@ -160,3 +160,15 @@ def test_unpack_with_trace_on_a_plain_linear():
   lw = lj_peft.unpack_peft(cfg, t, base, [(r"fc/kernel", "fc.weight")],
                            trace=lambda p: jnp.ones((1, 3)) @ p["fc"]["kernel"])["fc"]["kernel"]
   assert lw.roles == "io" and lw.a.shape == (3, 1)
+
+
+def test_dry_run_names_the_expert_tensors():
+  base, lp = _experts()
+  config, tensors = lj_peft.pack_peft(lp, _RULES)
+  report = str(lj_peft.unpack_peft(config, tensors, base, _RULES, dry_run=True))
+  assert "moe/w_in <- moe.experts.w_in (rank 2, scale 1.5)" in report
+  assert "moe/w_out <- base_model.model.moe.experts.lora_A.weight: lora_A" in report  # no trace=
+  # ignore= skips expert tensors too: w_out neither loaded nor reported missing
+  report = str(lj_peft.unpack_peft(config, tensors, base, _RULES, dry_run=True,
+                                   ignore=[r"moe\.experts"]))
+  assert "moe/w_in <-" in report and "moe/w_out" not in report

@@ -259,7 +259,9 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
     traced = layout.infer_roles(trace, base, sorted(param_leaves(base, name_map).values()))
     param_roles = {**traced, **known_roles}
   by_param, consumed, param_problems, param_missing = unpack_params(
-      config, tensors, base, name_map, param_roles, dtype, PREFIX)
+      config, {k: v for k, v in tensors.items() if k not in skipped}, base, name_map,
+      param_roles, dtype, PREFIX)
+  param_missing = [(p, m) for p, m in param_missing if not _ignored(m.split(" ")[0], skip)]
   groups, embedding, other = _parse_keys({k: None for k in tensors
                                           if k not in skipped and k not in consumed})
   rslora = bool(config.get("use_rslora", False))
@@ -386,8 +388,10 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
 
   problems += [f"{p} <- {m}: {why}" for p, m, why in mismatched]
   if dry_run:
+    sources = {p: ", ".join(sorted(m.values())) for p, m in per_path.items()}
+    sources.update({p: k for k, p in param_leaves(base, name_map).items() if p in by_param})
     return PeftLoadReport(
-        loaded=[f"{p} <- {', '.join(sorted(per_path[p].values()))} (rank {x.rank}, "
+        loaded=[f"{p} <- {sources[p]} (rank {x.rank}, "
                 f"scale {x.scale:g})" for p, x in out.items() if isinstance(x, LoraWeight)],
         trained=[f"{p} <- {', '.join(sorted(trained[p].values()))}"
                  for p, x in out.items() if isinstance(x, Trainable)],
