@@ -25,6 +25,10 @@ from lora_jax._src.optim import combine as combine
 from lora_jax._src.optim import labels as labels
 from lora_jax._src.optim import optimizer as optimizer
 from lora_jax._src.optim import split as split
+from lora_jax._src.stack import StackedLora as StackedLora
+from lora_jax._src.stack import set_adapter as set_adapter
+from lora_jax._src.stack import stack_adapters as stack_adapters
+from lora_jax._src.stack import unstack_adapters as unstack_adapters
 from lora_jax._src.sharding import factor_specs as factor_specs
 from lora_jax._src.sharding import lora_shardings as lora_shardings
 from lora_jax._src.summary import Summary as Summary
@@ -41,6 +45,7 @@ __all__ = (
     "LoraConfig",
     "LoraFallbackWarning",
     "LoraWeight",
+    "StackedLora",
     "Summary",
     "Trainable",
     "adapter",
@@ -60,7 +65,10 @@ __all__ = (
     "optimizer",
     "read_description",
     "save_adapter",
+    "set_adapter",
     "split",
+    "stack_adapters",
     "summary",
     "unmerge",
+    "unstack_adapters",
 )

@@ -5,7 +5,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from lora_jax._src import tree
+from lora_jax._src import stack, tree
 from lora_jax._src.types import Params
 from lora_jax._src.weight import (LoraWeight, Trainable, delta, describe, factor_shapes,
                                   is_node, node_problems)
@@ -246,6 +246,8 @@ def attach(base_params: Params, adapter: Adapter) -> Params:
     if isinstance(item, Trainable):
       return Trainable(jnp.asarray(item.value).astype(leaf.dtype), leaf)
     return item.replace(w=leaf)
+  if stack.is_stacked_adapter(adapter):
+    return stack.attach_stack(base_params, adapter)
   _check_adapter(adapter, "attach")
   return _apply(_base(base_params, "attach"), adapter, put, "attach")
 
