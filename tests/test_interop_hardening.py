@@ -389,6 +389,15 @@ def test_invalid_adapter_config_names_file_and_field(tmp_path, edit, expected):
   assert str(cfg_file) in str(e.value)
 
 
+def test_in_memory_peft_config_with_sets_is_valid():
+  # PEFT's LoraConfig.to_dict() keeps target_modules as a set (JSON has lists)
+  from lora_jax._src.interop.peft_format import validate_config
+  validate_config({"r": 4, "target_modules": {"q_proj", "v_proj"},
+                   "layers_to_transform": (0, 1)})
+  with pytest.raises(ValueError, match="field 'target_modules' must be"):
+    validate_config({"r": 4, "target_modules": {"q_proj", 3}})
+
+
 def test_damaged_adapter_weights_name_the_file(tmp_path):
   base, _ = _tiny_adapter(tmp_path)
   w = tmp_path / "adapter_model.safetensors"

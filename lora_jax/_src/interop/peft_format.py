@@ -117,7 +117,8 @@ def _is_num(x) -> bool:
 
 
 def _strs(x) -> bool:
-  return isinstance(x, list) and all(isinstance(v, str) for v in x)
+  # JSON gives lists; a PEFT config in memory (``LoraConfig.to_dict()``) sets
+  return isinstance(x, (list, tuple, set)) and all(isinstance(v, str) for v in x)
 
 
 def _dict_of(ok):
@@ -135,14 +136,14 @@ _FIELD_TYPES = {
     "fan_in_fan_out": (lambda x: isinstance(x, bool), "true or false"),
     "bias": (lambda x: isinstance(x, str), "a string ('none')"),
     "target_modules": (lambda x: isinstance(x, str) or _strs(x),
-                       "a regex string or a list of module names"),
+                       "a regex string or a list (or set) of module names"),
     "exclude_modules": (lambda x: isinstance(x, str) or _strs(x),
                         "a regex string or a list of module names"),
     "modules_to_save": (_strs, "a list of module names"),
     "rank_pattern": (_dict_of(lambda v: _is_int(v) and v > 0),
                      "a dict {pattern: positive integer rank}"),
     "alpha_pattern": (_dict_of(_is_num), "a dict {pattern: number}"),
-    "layers_to_transform": (lambda x: _is_int(x) or (isinstance(x, list) and all(
+    "layers_to_transform": (lambda x: _is_int(x) or (isinstance(x, (list, tuple)) and all(
         _is_int(v) for v in x)), "an integer or a list of integers"),
     "layers_pattern": (lambda x: isinstance(x, str) or _strs(x),
                        "a string or a list of strings"),
