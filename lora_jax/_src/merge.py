@@ -126,9 +126,9 @@ def base(params: Params) -> Params:
 
 
 def _base(params: Params, what: str) -> Params:
-  leaves, treedef = tree.flatten(params, is_leaf=is_node)
+  leaves, treedef = tree.flatten(params, is_leaf=lambda x: is_node(x) or stack.is_stack(x))
   _check_nodes(what, leaves, need=("w", "base"))
-  out = [x.w if isinstance(x, LoraWeight) else x.base if isinstance(x, Trainable)
+  out = [x.w if isinstance(x, (LoraWeight, stack.StackedLora)) else x.base if isinstance(x, Trainable)
          else x for _, x in leaves]
   return jax.tree_util.tree_unflatten(treedef, out)
 
