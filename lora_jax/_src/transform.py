@@ -283,6 +283,16 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
   rows of A and multiplies by B. On these paths neither ``W + ΔW`` nor a
   gradient for ``W`` is ever formed: ``W`` is a constant to autodiff.
 
+  Params holding a stack of adapters (``lj.attach(base, lj.stack_adapters(
+  [...]))``) need the keyword ``adapter_ids``: an int array with one entry per
+  example (the leading axis of the inputs); example ``i`` runs with adapter
+  ``ids[i]``, ``-1`` with the base alone. Each matmul, conv or embedding
+  lookup gathers every example's factors (``x·A[id]`` then ``·B[id]``), so
+  the FLOPs do not depend on the number of adapters, and changing the ids or
+  the stack's values (``lj.set_adapter``) reuses a jitted program. Ids out of
+  range are an error when they are concrete; under ``jit`` their rows come
+  out NaN.
+
   Args:
     fn: any JAX function, e.g. a Flax ``model.apply``.
     strict: raise instead of materializing ``W + ΔW`` when a LoraWeight
@@ -298,6 +308,10 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
     ...                  lj.LoraConfig(rank=2, targets="kernel"))
     >>> lj.lora(f)(p, jnp.ones((1, 4))).tolist()   # B = 0: unchanged
     [[4.0, 4.0, 4.0]]
+    >>> s = lj.attach({"kernel": jnp.ones((4, 3))},
+    ...               lj.stack_adapters([lj.adapter(p)] * 2))
+    >>> lj.lora(f)(s, jnp.ones((3, 4)), adapter_ids=jnp.array([0, 1, -1])).shape
+    (3, 3)
   """
 
   @functools.wraps(fn)
