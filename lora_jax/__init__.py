@@ -25,6 +25,10 @@ from lora_jax._src.optim import combine as combine
 from lora_jax._src.optim import labels as labels
 from lora_jax._src.optim import optimizer as optimizer
 from lora_jax._src.optim import split as split
+from lora_jax._src.quant import QuantConfig as QuantConfig
+from lora_jax._src.quant import QuantizedWeight as QuantizedWeight
+from lora_jax._src.quant import dequantize as dequantize
+from lora_jax._src.quant import quantize as quantize
 from lora_jax._src.stack import StackedLora as StackedLora
 from lora_jax._src.stack import set_adapter as set_adapter
 from lora_jax._src.stack import stack_adapters as stack_adapters
@@ -45,6 +49,8 @@ __all__ = (
     "LoraConfig",
     "LoraFallbackWarning",
     "LoraWeight",
+    "QuantConfig",
+    "QuantizedWeight",
     "StackedLora",
     "Summary",
     "Trainable",
@@ -55,6 +61,7 @@ __all__ = (
     "combine",
     "combine_adapters",
     "delta",
+    "dequantize",
     "factor_specs",
     "labels",
     "lora",
@@ -63,6 +70,7 @@ __all__ = (
     "lora_shardings",
     "merge",
     "optimizer",
+    "quantize",
     "read_description",
     "save_adapter",
     "set_adapter",

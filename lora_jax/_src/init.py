@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._src import layout, sharding, tree
+from lora_jax._src import layout, quant_sharding, sharding, tree
 from lora_jax._src.config import LoraConfig
+from lora_jax._src.quant import abstract_quantized, is_quantized
 from lora_jax._src.types import Params
 from lora_jax._src.weight import LoraWeight, Trainable, factor_shapes, is_node, max_rank
 
@@ -24,6 +25,8 @@ def _init_a(key, shape, roles: str, rank: int, init: str, dtype):
 
 
 def _roles(path: str, leaf, config: LoraConfig, inferred: dict) -> str:
+  if is_quantized(leaf):
+    return leaf.roles  # fixed when it was quantized
   roles = config.layout_for(path) or inferred.get(path)
   if roles is None and np.ndim(leaf) == 2:
     roles = "io"
@@ -100,9 +103,16 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
                      f"and as trainable: {[paths[k] for k in both]}")
   for k in targets:
     _check_leaf(*leaves[k])
+  for k in trained:
+    if is_quantized(leaves[k][1]):
+      raise ValueError(
+          f"lora_init: {paths[k]} is a QuantizedWeight and cannot be trained in "
+          "full (its codes are integers). Drop it from LoraConfig.trainable, give "
+          "it an adapter (targets), or keep it out of QuantConfig.targets.")
   inferred = {}
   if trace is not None:
-    inferred = layout.infer_roles(trace, params, [paths[k] for k in targets])
+    inferred = layout.infer_roles(trace, abstract_quantized(params),
+                                  [paths[k] for k in targets])
 
   out = [x for _, x in leaves]
   keys = jax.random.split(key, len(targets))
@@ -118,7 +128,8 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
     dtype = config.dtype or w.dtype
     a = _init_a(key_k, w.shape, roles, rank, config.init, dtype)
     b = jnp.zeros(factor_shapes(w.shape, roles, rank)[1], dtype)
-    a, b = sharding.place_factors(w, a, b, roles)
+    place = quant_sharding.place_factors if is_quantized(w) else sharding.place_factors
+    a, b = place(w, a, b, roles)
     out[k] = LoraWeight(w, a, b, scale=config.scale_for(path), roles=roles,
                         dropout=float(config.dropout))
   for k in trained:

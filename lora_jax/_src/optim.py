@@ -55,7 +55,23 @@ def optimizer(tx: optax.GradientTransformation, params: Params) -> optax.Gradien
                     f"optax.adamw(1e-3), got {describe(tx)} (the call is "
                     "lj.optimizer(tx, params))")
   _require_nodes("optimizer", params)  # labels come from what optax hands over
-  return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
+  return optax.multi_transform({TRAINABLE: tx, FROZEN: _frozen()}, labels)
+
+
+def _frozen() -> optax.GradientTransformation:
+  """``set_to_zero``; a float0 gradient (integer codes of a QuantizedWeight,
+  ``jax.grad(..., allow_int=True)``) becomes a zero of its param's dtype, so
+  ``optax.apply_updates`` leaves the codes as they are."""
+  def zero(u, p):
+    if getattr(u, "dtype", None) == jax.dtypes.float0 and hasattr(p, "dtype"):
+      return jax.numpy.zeros(p.shape, p.dtype)
+    return jax.numpy.zeros_like(u)
+
+  def update(updates, state, params=None):
+    if params is None:
+      return jax.tree.map(jax.numpy.zeros_like, updates), state
+    return jax.tree.map(zero, updates, params), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def split(params: Params) -> tuple[Params, Params]:

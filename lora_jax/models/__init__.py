@@ -13,6 +13,9 @@ from lora_jax.models.llama import LlamaBlock as LlamaBlock
 from lora_jax.models.llama import LlamaConfig as LlamaConfig
 from lora_jax.models.llama import LlamaMLP as LlamaMLP
 from lora_jax.models.llama import generate as generate
+from lora_jax._src.models.llama_bnb import load_bnb_llama as load_bnb_llama
+from lora_jax.models.llama import generate_cached as generate_cached
+from lora_jax.models.llama import init_cache as init_cache
 from lora_jax.models.llama import init_params as init_params
 from lora_jax.models.llama import llama_name_map as llama_name_map
 from lora_jax.models.llama import llama_rules as llama_rules
@@ -28,9 +31,12 @@ __all__ = (
     "LlamaConfig",
     "LlamaMLP",
     "generate",
+    "generate_cached",
+    "init_cache",
     "init_params",
     "llama_name_map",
     "llama_rules",
+    "load_bnb_llama",
     "load_hf_llama",
     "rotary",
     "save_hf_llama",

@@ -20,9 +20,10 @@ kernel is ``(L, d, heads * head_dim)``). Kernels are plain ``nn.Dense``
 
 This module does not import torch; ``load_hf_llama`` reads safetensors with
 ``safetensors.numpy``. The code lives in ``lora_jax/_src/models/``:
-``llama.py`` (the Flax model), ``generate.py`` (sampling for any
-``(params, ids) -> logits``) and ``llama_hf.py`` (the Hugging Face name map,
-loading and saving).
+``llama.py`` (the Flax model and its KV cache), ``generate.py`` (sampling
+for any ``(params, ids) -> logits``, and ``generate_cached`` for any model
+that takes ``cache=`` and ``positions=``) and ``llama_hf.py`` (the Hugging
+Face name map, loading and saving).
 
 >>> import jax.numpy as jnp
 >>> from lora_jax.models import llama
@@ -38,11 +39,13 @@ loading and saving).
 """
 
 from lora_jax._src.models.generate import generate as generate
+from lora_jax._src.models.generate import generate_cached as generate_cached
 from lora_jax._src.models.llama import Llama as Llama
 from lora_jax._src.models.llama import LlamaAttention as LlamaAttention
 from lora_jax._src.models.llama import LlamaBlock as LlamaBlock
 from lora_jax._src.models.llama import LlamaConfig as LlamaConfig
 from lora_jax._src.models.llama import LlamaMLP as LlamaMLP
+from lora_jax._src.models.llama import init_cache as init_cache
 from lora_jax._src.models.llama import init_params as init_params
 from lora_jax._src.models.llama import rotary as rotary
 from lora_jax._src.models.llama_hf import llama_name_map as llama_name_map
@@ -58,6 +61,8 @@ __all__ = (
     "LlamaConfig",
     "LlamaMLP",
     "generate",
+    "generate_cached",
+    "init_cache",
     "init_params",
     "llama_name_map",
     "llama_rules",

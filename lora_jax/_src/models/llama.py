@@ -276,7 +276,21 @@ class LlamaAttention(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, mask: Array) -> Array:
+  def __call__(self, x: Array, positions: Array, mask: Array,
+               kv_cache: tuple[Array, Array] | None = None):
+    """Attention output ``(B, T, d)``; with ``kv_cache`` also the updated cache.
+
+    Args:
+      x: ``(B, T, d)`` inputs.
+      positions: ``(B, T)`` rotary positions.
+      mask: ``(B, T, T)``, or ``(B, T, S)`` over the cache slots with a cache.
+      kv_cache: this layer's ``(k, v)``, each ``(B, S, kv_heads, head_dim)``:
+        the new keys and values are written at slot ``positions`` and the
+        queries attend over all ``S`` slots (``mask`` hides the unfilled ones).
+
+    Returns:
+      The output, or ``(output, (k, v))`` when ``kv_cache`` is given.
+    """
     cfg = self.config
     b, t, _ = x.shape
     h, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
@@ -286,13 +300,25 @@ class LlamaAttention(nn.Module):
     v = _dense(cfg, kv * hd, bias, "v_proj")(x).reshape(b, t, kv, hd)
     q = rotary(q, positions, cfg.rope_theta).reshape(b, t, kv, h // kv, hd)
     k = rotary(k, positions, cfg.rope_theta)
+    if kv_cache is not None:
+      kv_cache = _write_cache(kv_cache, k, v, positions)
+      k, v = kv_cache
     # query head g * (h // kv) + r attends with kv head g (HF's repeat_kv).
     scores = jnp.einsum("btgrd,bsgd->bgrts", q, k) * jnp.asarray(hd ** -0.5, q.dtype)
     scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32),
                        jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bgrts,bsgd->btgrd", probs, v).reshape(b, t, h * hd)
-    return _dense(cfg, cfg.hidden_size, bias, "o_proj")(out)
+    out = _dense(cfg, cfg.hidden_size, bias, "o_proj")(out)
+    return out if kv_cache is None else (out, kv_cache)
+
+
+def _write_cache(kv_cache: tuple[Array, Array], k: Array, v: Array,
+                 positions: Array) -> tuple[Array, Array]:
+  """Row ``b``'s token ``t`` goes to slot ``positions[b, t]`` (out of range: dropped)."""
+  rows = jnp.arange(k.shape[0])[:, None]
+  return tuple(c.at[rows, positions].set(x.astype(c.dtype), mode="drop")
+               for c, x in zip(kv_cache, (k, v)))
 
 
 class LlamaMLP(nn.Module):
@@ -309,21 +335,36 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-  """Pre-norm decoder block; returns ``(x, None)`` so it can be scanned."""
+  """Pre-norm decoder block; returns ``(x, kv_cache)`` so it can be scanned.
+
+  ``kv_cache`` is None without a cache, else this layer's updated ``(k, v)``.
+  """
 
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x: Array, positions: Array, mask: Array):
+  def __call__(self, x: Array, positions: Array, mask: Array,
+               kv_cache: tuple[Array, Array] | None = None):
     cfg = self.config
     h = _norm(cfg, "input_layernorm")(x)
-    x = x + LlamaAttention(cfg, name="self_attn")(h, positions, mask)
+    attn = LlamaAttention(cfg, name="self_attn")(h, positions, mask, kv_cache)
+    if kv_cache is not None:
+      attn, kv_cache = attn
+    x = x + attn
     h = _norm(cfg, "post_attention_layernorm")(x)
-    return x + LlamaMLP(cfg, name="mlp")(h), None
+    return x + LlamaMLP(cfg, name="mlp")(h), kv_cache
 
 
 class Llama(nn.Module):
   """Llama-style causal language model: ``(B, T)`` token ids -> ``(B, T, V)`` logits.
+
+  With ``cache=`` (from ``init_cache``) the call is one step of KV-cached
+  decoding and returns ``(logits, cache)``: the keys and values of the ``T``
+  new tokens are written at cache slot ``positions`` (slot ``s`` holds the
+  token at position ``s``), and each query attends over the cache slots at or
+  before its position (within ``sliding_window``, if set). A prefill is a call
+  with the whole prompt; each decode step a call with ``(B, 1)`` ids at the
+  next position. ``lora_jax.models.generate_cached`` drives this loop.
 
   Attributes:
     config: a ``LlamaConfig``.
@@ -337,48 +378,141 @@ class Llama(nn.Module):
     (32, 32)
     >>> model.apply({"params": params}, ids).shape
     (1, 5, 128)
+    >>> cache = init_cache(model.config, batch_size=1, max_length=8)
+    >>> logits, cache = model.apply({"params": params}, ids, cache=cache)  # prefill
+    >>> step, cache = model.apply({"params": params}, ids[:, :1], cache=cache,
+    ...                           positions=jnp.array([[5]]))            # decode
+    >>> logits.shape, step.shape, cache["k"].shape
+    ((1, 5, 128), (1, 1, 128), (1, 2, 8, 2, 8))
   """
 
   config: LlamaConfig
 
   @nn.compact
   def __call__(self, input_ids: Array, positions: Array | None = None,
-               attention_mask: Array | None = None) -> Array:
-    """Logits for ``input_ids``.
+               attention_mask: Array | None = None, cache: dict | None = None):
+    """Logits for ``input_ids``; with ``cache``, ``(logits, updated cache)``.
 
     Args:
       input_ids: ``(B, T)`` integer token ids.
-      positions: ``(B, T)`` rotary positions; ``arange(T)`` if None.
-      attention_mask: ``(B, T)``, 1 for tokens to attend to, 0 for padding.
+      positions: ``(B, T)`` rotary positions (and, with a cache, the slots the
+        tokens are written to); ``arange(T)`` if None.
+      attention_mask: ``(B, T)``, 1 for tokens to attend to, 0 for padding;
+        only without a cache.
+      cache: ``{"k", "v"}`` arrays ``(B, L, S, kv_heads, head_dim)`` from
+        ``init_cache``; every array has the batch axis first.
 
     Returns:
-      ``(B, T, vocab_size)`` logits in ``config.dtype``.
+      ``(B, T, vocab_size)`` logits in ``config.dtype``; with ``cache``, the
+      tuple ``(logits, cache)``.
     """
     cfg = self.config
     b, t = input_ids.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    mask = jnp.broadcast_to(_causal_mask(t, cfg.sliding_window), (b, t, t))
-    if attention_mask is not None:
-      mask = mask & attention_mask.astype(bool)[:, None, :]
+    if cache is None:
+      mask = jnp.broadcast_to(_causal_mask(t, cfg.sliding_window), (b, t, t))
+      if attention_mask is not None:
+        mask = mask & attention_mask.astype(bool)[:, None, :]
+    else:
+      _check_cache(cfg, cache, input_ids.shape, attention_mask)
+      mask = _cache_mask(positions, cache["k"].shape[2], cfg.sliding_window)
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                      param_dtype=cfg.param_dtype, embedding_init=_INIT,
                      name="embed_tokens")
     x = embed(input_ids)
     block = nn.remat(LlamaBlock) if cfg.remat else LlamaBlock
-    if cfg.scan_layers:
+    if cfg.scan_layers and cache is None:
       stack = nn.scan(block, variable_axes={"params": 0},
                       split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast),
                       length=cfg.num_hidden_layers)
       x, _ = stack(cfg, name="layers")(x, positions, mask)
+    elif cfg.scan_layers:  # the cache's layer axis (1) is scanned with the params
+      stack = nn.scan(block, variable_axes={"params": 0},
+                      split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast, 1), out_axes=1,
+                      length=cfg.num_hidden_layers)
+      x, (k, v) = stack(cfg, name="layers")(x, positions, mask, (cache["k"], cache["v"]))
+      cache = {"k": k, "v": v}
     else:
+      layer_kv = []
       for i in range(cfg.num_hidden_layers):
-        x, _ = block(cfg, name=f"layers_{i}")(x, positions, mask)
+        kv_i = None if cache is None else (cache["k"][:, i], cache["v"][:, i])
+        x, kv_i = block(cfg, name=f"layers_{i}")(x, positions, mask, kv_i)
+        layer_kv.append(kv_i)
+      if cache is not None:
+        cache = {n: jnp.stack([kv[j] for kv in layer_kv], axis=1)
+                 for j, n in enumerate(("k", "v"))}
     x = _norm(cfg, "norm")(x)
     if cfg.tie_word_embeddings:
-      return embed.attend(x)
-    return _dense(cfg, cfg.vocab_size, False, "lm_head")(x)
+      logits = embed.attend(x)
+    else:
+      logits = _dense(cfg, cfg.vocab_size, False, "lm_head")(x)
+    return logits if cache is None else (logits, cache)
+
+
+def init_cache(config: LlamaConfig, batch_size: int, max_length: int,
+               dtype: Any = None) -> dict:
+  """An empty KV cache for ``Llama(config)``: ``{"k", "v"}`` zeros.
+
+  Each array is ``(batch_size, num_hidden_layers, max_length, kv_heads,
+  head_dim)`` (batch axis first, for scanned and unscanned layers alike);
+  ``max_length`` must cover the prompt and every generated token. Pass it as
+  ``Llama.__call__``'s ``cache=``.
+
+  Args:
+    config: the model's ``LlamaConfig``.
+    batch_size: ``B``.
+    max_length: ``S``, the number of cache slots (positions ``0 .. S-1``).
+    dtype: the cache dtype; ``config.dtype`` if None.
+
+  Returns:
+    ``{"k": zeros, "v": zeros}``.
+
+  Example:
+    >>> init_cache(LlamaConfig.tiny(), 3, 16)["v"].shape
+    (3, 2, 16, 2, 8)
+  """
+  if batch_size < 1 or max_length < 1:
+    raise ValueError(f"init_cache: batch_size={batch_size} and max_length={max_length} "
+                     "must both be >= 1")
+  shape = (batch_size, config.num_hidden_layers, max_length,
+           config.num_key_value_heads, config.head_size)
+  zeros = jnp.zeros(shape, config.dtype if dtype is None else dtype)
+  return {"k": zeros, "v": zeros}
+
+
+def _check_cache(cfg: LlamaConfig, cache: Any, ids_shape: tuple[int, int],
+                 attention_mask: Array | None) -> None:
+  """The cache is ``init_cache(cfg, B, S)``-shaped with ``S >= T``; no attention_mask."""
+  fix = "build it with lora_jax.models.init_cache(config, batch_size, max_length)"
+  if not isinstance(cache, Mapping) or set(cache) != {"k", "v"}:
+    found = sorted(cache) if isinstance(cache, Mapping) else type(cache).__name__
+    raise ValueError(f"Llama: cache must be a dict with keys 'k' and 'v'; got {found}; {fix}")
+  b, t = ids_shape
+  want = (b, cfg.num_hidden_layers, None, cfg.num_key_value_heads, cfg.head_size)
+  for name in ("k", "v"):
+    shape = tuple(cache[name].shape)
+    if len(shape) != 5 or any(w not in (None, s) for w, s in zip(want, shape)):
+      raise ValueError(
+          f"Llama: cache['{name}'] has shape {shape}; expected (batch={b}, "
+          f"layers={want[1]}, max_length, kv_heads={want[3]}, head_dim={want[4]}); {fix}")
+  if cache["k"].shape != cache["v"].shape:
+    raise ValueError(f"Llama: cache['k'] {tuple(cache['k'].shape)} and cache['v'] "
+                     f"{tuple(cache['v'].shape)} differ; {fix}")
+  if t > cache["k"].shape[2]:
+    raise ValueError(f"Llama: {t} input tokens do not fit a cache of max_length="
+                     f"{cache['k'].shape[2]}; {fix} with a larger max_length")
+  if attention_mask is not None:
+    raise ValueError("Llama: attention_mask is not supported with cache=; cached "
+                     "decoding attends to every filled slot at or before each position")
+
+
+def _cache_mask(positions: Array, length: int, window: int | None) -> Array:
+  """``(B, T, S)``: the query at position p sees slot s when s <= p (and p - s < window)."""
+  p, s = positions[:, :, None], jnp.arange(length)[None, None, :]
+  return (s <= p) if window is None else (s <= p) & (p - s < window)
 
 
 def _causal_mask(t: int, window: int | None) -> Array:
