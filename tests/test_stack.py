@@ -206,3 +206,23 @@ def test_bad_names_and_slots():
     lj.set_adapter(stack, "zzz", ads[0])
   with pytest.raises(ValueError, match="has rank 3, the stack's padded rank is 2"):
     lj.set_adapter(stack, 0, ads[2])
+
+
+def test_indexed_layers_keep_the_adapter_axis():
+  """``w[i]`` on a layer-stacked kernel (a Python loop over layers) stays factored."""
+  def fn(p, x):
+    for i in range(p["w"].shape[0]):
+      x = jnp.tanh(x @ p["w"][i])
+    return x
+  params = {"w": 0.3 * jax.random.normal(jax.random.key(0), (3, 8, 8))}
+  x = jax.random.normal(jax.random.key(1), (len(IDS), 8))
+  ads = [lj.adapter(randomize_b(lj.lora_init(jax.random.key(k), params,
+                                             lj.LoraConfig(rank=k + 1, targets="w",
+                                                           layouts={"w": "sio"})),
+                                seed=k)) for k in range(3)]
+  run = lj.lora(fn, strict=True)
+  mixed = jax.jit(run)(lj.attach(params, lj.stack_adapters(ads)), x,
+                       adapter_ids=jnp.asarray(IDS))
+  for i, k in enumerate(IDS):
+    alone = fn(params, x) if k == -1 else run(lj.attach(params, ads[k]), x)
+    np.testing.assert_allclose(mixed[i], alone[i], rtol=1e-5, atol=1e-6)

@@ -78,7 +78,7 @@ def _reshape_factor(x, dims, groups, old_shape, new_shape, extra_new):
   while p < len(kept):
     d, n = kept[p]
     if not isinstance(d, int):  # the rank or the adapter axis
-      new_dims.append(None)
+      new_dims.append(d)
       new_sizes.append(n)
       p += 1
       continue
