@@ -226,3 +226,29 @@ def test_indexed_layers_keep_the_adapter_axis():
   for i, k in enumerate(IDS):
     alone = fn(params, x) if k == -1 else run(lj.attach(params, ads[k]), x)
     np.testing.assert_allclose(mixed[i], alone[i], rtol=1e-5, atol=1e-6)
+
+
+def test_kv_cached_generate_serves_a_mixed_batch():
+  """Each row's tokens equal that adapter's (or the base's) tokens alone."""
+  import functools
+  from lora_jax.models import Llama, LlamaConfig, generate_cached, init_cache, init_params
+  cfg = LlamaConfig.tiny(scan_layers=True)
+  model, params = Llama(cfg), init_params(cfg)
+  trace = lambda p: model.apply({"params": p}, jnp.ones((1, 3), jnp.int32))
+  ads = [lj.adapter(randomize_b(lj.lora_init(jax.random.key(k), params,
+                                             lj.LoraConfig(rank=2 + k, alpha=8.0),
+                                             trace=trace), seed=k)) for k in range(2)]
+  run = lj.lora(model.apply)
+  apply = lambda p, ids, **kw: run({"params": p}, ids, **kw)
+  make_cache = functools.partial(init_cache, cfg)
+  ids = jnp.asarray([1, -1, 0], jnp.int32)
+  prompt = jnp.tile(jnp.arange(1, 6)[None], (3, 1))
+  mixed = generate_cached(apply, lj.attach(params, lj.stack_adapters(ads)), prompt, 4,
+                          make_cache=make_cache, adapter_ids=ids)
+  outs = set()
+  for i, k in enumerate(ids.tolist()):
+    p = params if k == -1 else lj.attach(params, ads[k])
+    alone = generate_cached(apply, p, prompt[i:i + 1], 4, make_cache=make_cache)
+    np.testing.assert_array_equal(mixed[i], alone[0])
+    outs.add(tuple(alone[0].tolist()))
+  assert len(outs) > 1  # the adapters change the tokens
