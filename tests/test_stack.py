@@ -252,3 +252,14 @@ def test_kv_cached_generate_serves_a_mixed_batch():
     np.testing.assert_array_equal(mixed[i], alone[0])
     outs.add(tuple(alone[0].tolist()))
   assert len(outs) > 1  # the adapters change the tokens
+
+
+def test_merge_refuses_a_stack_and_one_member_merges():
+  fn, params, args, ads = _three("dense")
+  p = lj.attach(params, lj.stack_adapters(ads, names=["x", "y", "z"]))
+  with pytest.raises(ValueError, match=r"merge: the params hold a stack of adapters "
+                     r"\('x', 'y', 'z'\).*merge one member"):
+    lj.merge(p)
+  one = lj.merge(lj.attach(lj.base(p), lj.unstack_adapters(p)["y"]))
+  np.testing.assert_allclose(fn(one, *args), lj.lora(fn)(lj.attach(params, ads[1]), *args),
+                             rtol=1e-5, atol=1e-5)

@@ -97,6 +97,7 @@ def merge(params: Params, *, requantize: bool = False) -> Params:
     >>> lj.merge(p)["kernel"].shape
     (4, 3)
   """
+  stack.refuse_stack(params, "merge")
   if requantize:
     return quant.merge_requantized(params, merge)
   params = quant.dequantize(params)

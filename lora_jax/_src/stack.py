@@ -97,6 +97,19 @@ def is_stacked_adapter(adapter: Any) -> bool:
           and all(is_stack(v) for v in adapter.values()))
 
 
+def refuse_stack(params: Any, what: str) -> None:
+  """Raise if ``params`` hold a stack: it has no single ``W + ΔW``."""
+  leaves, _ = tree.flatten(params, is_leaf=is_stack)
+  paths = [p for p, x in leaves if is_stack(x)]
+  if paths:
+    names = next(x for _, x in leaves if is_stack(x)).names
+    raise ValueError(
+        f"{what}: the params hold a stack of adapters {names} at {paths[:3]}; a stack "
+        "has no single W + ΔW. Serve it with lj.lora(fn)(params, x, adapter_ids=ids), "
+        "or merge one member: lj.merge(lj.attach(lj.base(params), "
+        "lj.unstack_adapters(params)[name]))")
+
+
 def _as_adapter(x: Any, name: str) -> dict:
   """An adapter ``{path: LoraWeight}`` from an adapter or LoRA params."""
   if isinstance(x, Mapping) and x and all(isinstance(v, (LoraWeight, Trainable))
