@@ -29,6 +29,10 @@ from lora_jax._src.quant import QuantConfig as QuantConfig
 from lora_jax._src.quant import QuantizedWeight as QuantizedWeight
 from lora_jax._src.quant import dequantize as dequantize
 from lora_jax._src.quant import quantize as quantize
+from lora_jax._src.stack import StackedLora as StackedLora
+from lora_jax._src.stack import set_adapter as set_adapter
+from lora_jax._src.stack import stack_adapters as stack_adapters
+from lora_jax._src.stack import unstack_adapters as unstack_adapters
 from lora_jax._src.sharding import factor_specs as factor_specs
 from lora_jax._src.sharding import lora_shardings as lora_shardings
 from lora_jax._src.summary import Summary as Summary
@@ -47,6 +51,7 @@ __all__ = (
     "LoraWeight",
     "QuantConfig",
     "QuantizedWeight",
+    "StackedLora",
     "Summary",
     "Trainable",
     "adapter",
@@ -68,7 +73,10 @@ __all__ = (
     "quantize",
     "read_description",
     "save_adapter",
+    "set_adapter",
     "split",
+    "stack_adapters",
     "summary",
     "unmerge",
+    "unstack_adapters",
 )

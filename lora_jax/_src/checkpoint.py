@@ -26,7 +26,7 @@ import shutil
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lora_jax._src import atomic_dir, merge, tree
+from lora_jax._src import atomic_dir, merge, stack_checkpoint, tree
 from lora_jax._src.checkpoint_check import check_arrays, check_description, seal
 from lora_jax._src.checkpoint_format import (ARRAYS, INFO, fit_errors, pack, restore_target,
                                              unpack)
@@ -108,6 +108,11 @@ def save_adapter(directory, params: Params, step: int | None = None, config=None
     >>> q["dense"]["kernel"].scale, bool((q["dense"]["kernel"].a == p["dense"]["kernel"].a).all())
     (2.0, True)
   """
+  if stack_checkpoint.holds_stack(params):
+    if step is not None or isinstance(directory, ocp.CheckpointManager):
+      raise ValueError("save_adapter: a stack of adapters (lj.stack_adapters) saves "
+                       "to a directory, without step= or a CheckpointManager")
+    return stack_checkpoint.save_stack(directory, params, overwrite=overwrite)
   if isinstance(directory, ocp.CheckpointManager):
     if step is None or overwrite:
       raise ValueError("save_adapter(manager, ...) needs step= and saves a new "
@@ -306,6 +311,8 @@ def load_adapter(directory, base_params: Params, step: int | None = None) -> Par
     >>> sorted(os.listdir(d)), load_adapter(d, w)["kernel"].rank
     (['10', '20'], 2)
   """
+  if step is None and stack_checkpoint.is_stack_dir(directory):
+    return stack_checkpoint.load_stack(directory, base_params)
   path = _resolve(directory, step)
   info = _read_description(path)
   base_params = merge.base(base_params)

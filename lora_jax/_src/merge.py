@@ -5,7 +5,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from lora_jax._src import quant, tree
+from lora_jax._src import quant, stack, tree
 from lora_jax._src.types import Params
 from lora_jax._src.weight import (LoraWeight, Trainable, delta, describe, factor_shapes,
                                   is_node, node_problems)
@@ -97,6 +97,7 @@ def merge(params: Params, *, requantize: bool = False) -> Params:
     >>> lj.merge(p)["kernel"].shape
     (4, 3)
   """
+  stack.refuse_stack(params, "merge")
   if requantize:
     return quant.merge_requantized(params, merge)
   params = quant.dequantize(params)
@@ -140,9 +141,9 @@ def base(params: Params) -> Params:
 
 
 def _base(params: Params, what: str) -> Params:
-  leaves, treedef = tree.flatten(params, is_leaf=is_node)
+  leaves, treedef = tree.flatten(params, is_leaf=lambda x: is_node(x) or stack.is_stack(x))
   _check_nodes(what, leaves, need=("w", "base"))
-  out = [x.w if isinstance(x, LoraWeight) else x.base if isinstance(x, Trainable)
+  out = [x.w if isinstance(x, (LoraWeight, stack.StackedLora)) else x.base if isinstance(x, Trainable)
          else x for _, x in leaves]
   return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -260,6 +261,8 @@ def attach(base_params: Params, adapter: Adapter) -> Params:
     if isinstance(item, Trainable):
       return Trainable(jnp.asarray(item.value).astype(leaf.dtype), leaf)
     return item.replace(w=leaf)
+  if stack.is_stacked_adapter(adapter):
+    return stack.attach_stack(base_params, adapter)
   _check_adapter(adapter, "attach")
   return _apply(_base(base_params, "attach"), adapter, put, "attach")
 

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from lora_jax._src import layout
-from lora_jax._src.transform import _Lazy, bind, concrete, eval_jaxpr, fallback, is_lazy
+from lora_jax._src.transform import (ADAPTER, _Lazy, bind, concrete, eval_jaxpr, fallback,
+                                    is_lazy)
 
 _LETTERS = "abcdefghijklmnopqstuvwxyzABCDEFGHIJKLMNOPQSTUVWXYZ"  # no 'r'/'R'
 
@@ -49,7 +50,7 @@ def _constrain(ctx, eqn, invals):
 
   def sub(dims):
     return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(
-        *[None if d is None else spec[d] for d in dims]))
+        *[spec[d] if isinstance(d, int) else None for d in dims]))
   return [v.replace(w=w, a=lax.with_sharding_constraint(v.a, sub(v.a_dims)),
                     b=lax.with_sharding_constraint(v.b, sub(v.b_dims)))]
 
@@ -58,7 +59,7 @@ def _transpose(ctx, eqn, invals):
   v = invals[0]
   perm = eqn.params["permutation"]
   inv = {old: new for new, old in enumerate(perm)}
-  inv[None] = None
+  inv[None], inv[ADAPTER] = None, ADAPTER
   return [v.replace(w=bind(eqn, [v.w])[0],
                     a_dims=[inv[d] for d in v.a_dims],
                     b_dims=[inv[d] for d in v.b_dims])]
@@ -71,12 +72,13 @@ def _reshape_factor(x, dims, groups, old_shape, new_shape, extra_new):
   the factor (size-1 axes aside), so that a row-major reshape regroups it.
   """
   owner = {k: g for g in groups for k in g[0]}
-  kept = [(d, n) for d, n in zip(dims, x.shape) if d is None or old_shape[d] != 1]
+  kept = [(d, n) for d, n in zip(dims, x.shape)
+          if not isinstance(d, int) or old_shape[d] != 1]
   new_dims, new_sizes, p = [], [], 0
   while p < len(kept):
     d, n = kept[p]
-    if d is None:
-      new_dims.append(None)
+    if not isinstance(d, int):  # the rank or the adapter axis
+      new_dims.append(d)
       new_sizes.append(n)
       p += 1
       continue
@@ -123,8 +125,9 @@ def _broadcast(ctx, eqn, invals):
 
 
 def _per_axis(dims, x, of_v, rank_value):
-  """For each axis of factor ``x``: ``of_v(d)`` for V's axis d, else the rank's."""
-  return [rank_value(n) if d is None else of_v(d) for d, n in zip(dims, x.shape)]
+  """For each axis of factor ``x``: ``of_v(d)`` for V's axis d, else (rank or
+  adapter axis) ``rank_value(size)``."""
+  return [of_v(d) if isinstance(d, int) else rank_value(n) for d, n in zip(dims, x.shape)]
 
 
 def _slice(ctx, eqn, invals):
@@ -183,15 +186,21 @@ def _dot_general(ctx, eqn, invals):
   v_free = [vs[d] for d in range(v.ndim) if d not in v_contract and d not in v_batch]
   out = batch + (x_free + v_free if side == 1 else v_free + x_free)
 
-  a_sub = ["r" if d is None else vs[d] for d in v.a_dims]
-  b_sub = ["r" if d is None else vs[d] for d in v.b_dims]
+  fa, fb, scale, letter = v.a, v.b, v.scale, {None: "r"}
+  if v.stacked:  # each example (x's axis 0) meets its own adapter's factors
+    if 0 in x_contract or 0 in x_batch:
+      raise _not_rows(v, f"the matmul contracts or batches x's axis 0 (shape {x.shape})")
+    fa, fb, scale = _rows(ctx, v, x.shape[0])
+    letter[ADAPTER] = xs[0]
+  a_sub = [vs[d] if isinstance(d, int) else letter[d] for d in v.a_dims]
+  b_sub = [vs[d] if isinstance(d, int) else letter[d] for d in v.b_dims]
   contract = {vs[d] for d in v_contract}
   in_a = contract & (set(a_sub) - set(b_sub))
   in_b = contract & (set(b_sub) - set(a_sub))
   if in_a and in_b:
     return fallback(ctx, eqn, invals)  # contraction mixes in- and out-axes
-  (f1, s1), (f2, s2) = ((v.b, b_sub), (v.a, a_sub)) if in_b else (
-      (v.a, a_sub), (v.b, b_sub))
+  (f1, s1), (f2, s2) = ((fb, b_sub), (fa, a_sub)) if in_b else (
+      (fa, a_sub), (fb, b_sub))
 
   base = invals[:]
   base[side] = lax.stop_gradient(v.w)
@@ -203,16 +212,107 @@ def _dot_general(ctx, eqn, invals):
   t_sub = [l for l in dict.fromkeys(xs + s1) if l in out or l in s2]
   t = jnp.einsum(f"{''.join(xs)},{''.join(s1)}->{''.join(t_sub)}", xd, f1,
                  precision=prec, preferred_element_type=pref)
-  t = t * jnp.asarray(v.scale, t.dtype)
+  t = t * (_row_scale(scale, t.ndim, t_sub.index(xs[0]), t.dtype) if v.stacked
+           else jnp.asarray(scale, t.dtype))
   z = jnp.einsum(f"{''.join(t_sub)},{''.join(s2)}->{''.join(out)}", t, f2,
                  precision=prec, preferred_element_type=pref)
   return [y + z.astype(y.dtype)]
 
 
+# ----------------------------------------------- stacks: one adapter per row
+
+def _not_rows(v: _Lazy, found: str) -> ValueError:
+  return ValueError(
+      f"lora: {v.path} holds a stack of adapters, used with adapter_ids (one per "
+      f"example), but {found}: the batch must be the leading axis of the input "
+      "that meets the kernel, so row i can use adapter ids[i]. Keep the batch axis "
+      "first (do not fold it into another axis before this layer).")
+
+
+def _rows(ctx, v: _Lazy, rows: int):
+  """Each example's factors and scale: ``a[ids]``, ``b[ids]``, ``scale[ids]``.
+
+  The adapter axis of ``a``/``b`` becomes the batch axis (same position).
+  The scale is 0 for id -1 (the base alone: the branch adds exact zeros) and
+  NaN for an id out of range that was not seen before tracing, so a bad id
+  under ``jit`` poisons its row instead of reading another adapter.
+  """
+  ids = ctx.adapter_ids
+  if ids.shape[0] != rows:
+    raise _not_rows(v, f"adapter_ids has {ids.shape[0]} entries and the input's "
+                    f"leading axis has {rows}")
+  n = v.a.shape[v.a_dims.index(ADAPTER)]
+  k = jnp.clip(ids, 0, n - 1)
+  a = jnp.take(v.a, k, axis=v.a_dims.index(ADAPTER))
+  b = jnp.take(v.b, k, axis=v.b_dims.index(ADAPTER))
+  scale = jnp.where(ids == -1, 0.0, jnp.where((ids >= 0) & (ids < n),
+                                              jnp.take(v.scale, k), jnp.nan))
+  return a, b, scale
+
+
+def _row_scale(scale, ndim: int, axis: int, dtype):
+  """The per-row scale, shaped to broadcast along ``axis`` of an ndim array."""
+  shape = [1] * ndim
+  shape[axis] = -1
+  return scale.astype(dtype).reshape(shape)
+
+
+def _rank_to_rows(z, axis: int, batch_axis: int, b):
+  """Contract ``z``'s rank axis with each row's ``b`` (rows, r, out), in place."""
+  zt = jnp.moveaxis(z, (batch_axis, axis), (0, -1))
+  y = jnp.einsum("b...r,bro->b...o", zt, b)
+  return jnp.moveaxis(y, (0, -1), (batch_axis, axis))
+
+
+def _strip(v: _Lazy, a, b) -> _Lazy:
+  """One member's view of a stack (factors ``a``/``b`` without the adapter axis)."""
+  return v.replace(a=a, b=b, a_dims=[d for d in v.a_dims if d != ADAPTER],
+                   b_dims=[d for d in v.b_dims if d != ADAPTER])
+
+
+def _stacked_conv(ctx, eqn, x, v: _Lazy):
+  """Per-example ``conv(x_i, A[ids_i])`` (vmapped), then ``·B[ids_i]``."""
+  dn = eqn.params["dimension_numbers"]
+  bx, bo = dn.lhs_spec[0], dn.out_spec[0]
+  fa, fb, scale = _rows(ctx, v, x.shape[bx])
+  if _a_as_kernel(_strip(v, fa[0], fb[0]), dn.rhs_spec[0]) is None:
+    raise NotImplementedError(f"lora: {v.path}: a stacked conv kernel with layout "
+                              f"{v.a_dims} has no factored rule")
+
+  def branch(x_i, a_i, b_i):
+    k = _a_as_kernel(_strip(v, a_i, b_i), dn.rhs_spec[0])
+    return jnp.squeeze(bind(eqn, [jnp.expand_dims(x_i, bx), k])[0], bo)
+  z = jax.vmap(branch, in_axes=(bx, 0, 0), out_axes=bo)(x, fa, fb)
+  return z, fb, scale
+
+
+def _stacked_gather_a(v: _Lazy, out_axis: int, idx, eqn, ctx):
+  """Rows of each example's ``a``: one gather over (adapter, row) indices."""
+  p, dn = eqn.params, eqn.params["dimension_numbers"]
+  if idx.ndim < 2 or 0 in dn.offset_dims:
+    raise _not_rows(v, f"the lookup's indices have shape {idx.shape}")
+  _, fb, scale = _rows(ctx, v, idx.shape[0])
+  n_pos = v.a_dims.index(ADAPTER)
+  perm = [n_pos] + [v.a_dims.index(None if d == out_axis else d) for d in range(v.ndim)]
+  a_kernel = jnp.transpose(v.a, perm)  # (N,) + V's axes, rank at out_axis
+  n = v.a.shape[n_pos]
+  k = jnp.clip(ctx.adapter_ids, 0, n - 1).astype(idx.dtype)
+  k = jnp.broadcast_to(k.reshape((-1,) + (1,) * (idx.ndim - 1)), idx.shape[:-1] + (1,))
+  sizes = list(p["slice_sizes"])
+  sizes[out_axis] = v.a.shape[v.a_dims.index(None)]
+  gdn = jax.lax.GatherDimensionNumbers(
+      offset_dims=dn.offset_dims,
+      collapsed_slice_dims=(0,) + tuple(d + 1 for d in dn.collapsed_slice_dims),
+      start_index_map=(0,) + tuple(d + 1 for d in dn.start_index_map))
+  params = dict(p, dimension_numbers=gdn, slice_sizes=(1,) + tuple(sizes))
+  z = eqn.primitive.bind(a_kernel, jnp.concatenate([k, idx], -1), **params)
+  return z, fb, scale
+
+
 def _a_as_kernel(v: _Lazy, out_axis: int):
   """``a`` laid out like V with the rank in ``out_axis``'s place, or None."""
-  b_axes = [d for d in v.b_dims if d is not None]
-  a_axes = sorted(d for d in v.a_dims if d is not None)
+  b_axes = [d for d in v.b_dims if isinstance(d, int)]
+  a_axes = sorted(d for d in v.a_dims if isinstance(d, int))
   if b_axes != [out_axis] or a_axes != [d for d in range(v.ndim) if d != out_axis]:
     return None
   perm = [v.a_dims.index(None if d == out_axis else d) for d in range(v.ndim)]
@@ -233,6 +333,11 @@ def _conv(ctx, eqn, invals):
     return fallback(ctx, eqn, invals)
   if p["feature_group_count"] != 1:
     return _grouped_conv(ctx, eqn, x, v)
+  if v.stacked:
+    z, fb, scale = _stacked_conv(ctx, eqn, ctx.dropout(x, v.dropout), v)
+    z = z * _row_scale(scale, z.ndim, dn.out_spec[0], z.dtype)
+    y = bind(eqn, [x, lax.stop_gradient(v.w)])[0]
+    return [y + _rank_to_rows(z, dn.out_spec[1], dn.out_spec[0], fb).astype(y.dtype)]
   a_kernel = _a_as_kernel(v, dn.rhs_spec[0])
   if a_kernel is None:
     return fallback(ctx, eqn, invals)
@@ -274,7 +379,7 @@ def _point_gather(ctx, eqn, invals):
     return fallback(ctx, eqn, invals)
   kept = [d for d in range(v.ndim) if d not in dn.collapsed_slice_dims]
   renumber = {d: k for k, d in enumerate(kept)}
-  renumber[None] = None
+  renumber[None], renumber[ADAPTER] = None, ADAPTER
 
   def cut(x, dims):
     sel = [j for j, d in enumerate(sim) if d in dims]
@@ -300,11 +405,13 @@ def _gather(ctx, eqn, invals):
   dn = p["dimension_numbers"]
   point = (not is_lazy(idx) and not dn.operand_batching_dims
            and len(dn.offset_dims) == len(eqn.outvars[0].aval.shape))
-  b_axes = [d for d in v.b_dims if d is not None]
+  b_axes = [d for d in v.b_dims if isinstance(d, int)]
   if is_lazy(idx) or dn.operand_batching_dims or len(b_axes) != 1:
     return _point_gather(ctx, eqn, invals) if point else fallback(ctx, eqn, invals)
   out_axis = b_axes[0]
   sizes = list(p["slice_sizes"])
+  if v.stacked:
+    return _stacked_gather(ctx, eqn, v, idx, out_axis)
   a_kernel = _a_as_kernel(v, out_axis)
   if (a_kernel is None or out_axis in dn.start_index_map
       or out_axis in dn.collapsed_slice_dims or sizes[out_axis] != v.shape[out_axis]):
@@ -357,6 +464,22 @@ def _factor_as(x, dims, order):
   return jnp.transpose(x, [list(dims).index(d) for d in order])
 
 
+def _stacked_gather(ctx, eqn, v: _Lazy, idx, out_axis: int):
+  """An embedding lookup in a stack: row i reads adapter ids[i]'s rows of A."""
+  dn = eqn.params["dimension_numbers"]
+  sizes = eqn.params["slice_sizes"]
+  if (out_axis in dn.start_index_map or out_axis in dn.collapsed_slice_dims
+      or sizes[out_axis] != v.shape[out_axis]):
+    raise NotImplementedError(f"lora: {v.path}: this lookup of a stacked kernel "
+                              "has no factored rule")
+  y = bind(eqn, [lax.stop_gradient(v.w), idx])[0]
+  z, fb, scale = _stacked_gather_a(v, out_axis, idx, eqn, ctx)
+  kept = [d for d in range(v.ndim) if d not in dn.collapsed_slice_dims]
+  z = z * _row_scale(scale, z.ndim, 0, z.dtype)
+  z = _rank_to_rows(z, dn.offset_dims[kept.index(out_axis)], 0, fb)
+  return [y + z.astype(y.dtype)]
+
+
 # ---------------------------------------------------- higher-order primitives
 
 def _inline(key):
@@ -403,12 +526,15 @@ def _scan_slices(v: _Lazy):
   A factor holding V's axis 0 is scanned along it (moved to the front if it
   is not there already); a factor without it is the same at every step.
   """
+  def shift(dims):
+    return [d - 1 if isinstance(d, int) else d for d in dims]
+
   def lead(x, dims):
     if 0 not in dims:
-      return None, x, [None if d is None else d - 1 for d in dims]
+      return None, x, shift(dims)
     k = dims.index(0)
     rest = [d for d in dims if d != 0]
-    return jnp.moveaxis(x, k, 0), None, [None if d is None else d - 1 for d in rest]
+    return jnp.moveaxis(x, k, 0), None, shift(rest)
 
   a_xs, a_const, a_dims = lead(v.a, v.a_dims)
   b_xs, b_const, b_dims = lead(v.b, v.b_dims)

@@ -22,13 +22,18 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 from jax.extend import random as jex_random
 
 from lora_jax._src import tree
 from lora_jax._src.quant import dense, is_quantized
-from lora_jax._src.weight import LoraWeight, Trainable, is_node
+from lora_jax._src.stack import StackedLora, is_stack
+from lora_jax._src.weight import LoraWeight, Trainable, describe, is_node
+
+# In ``_Lazy.a_dims``/``b_dims``: the adapter axis of a stack (``StackedLora``).
+ADAPTER = "n"
 
 
 class LoraFallbackWarning(UserWarning):
@@ -74,16 +79,34 @@ class _Lazy:
   def ndim(self):
     return self.w.ndim
 
+  @property
+  def stacked(self) -> bool:
+    """True for a stack of adapters: the factors' ``ADAPTER`` axis picks one."""
+    return ADAPTER in self.a_dims
+
   @classmethod
-  def from_weight(cls, lw: LoraWeight, path: str) -> "_Lazy":
+  def from_stack(cls, s: StackedLora, path: str) -> "_Lazy":
+    """A stack: factors ``(N, ...)``, the scales an array ``(N,)``."""
+    v = cls.from_weight(s, path, scale=s.scales, dropout=0.0)
+    return v.replace(a_dims=(ADAPTER,) + v.a_dims, b_dims=(ADAPTER,) + v.b_dims)
+
+  @classmethod
+  def from_weight(cls, lw: LoraWeight, path: str, scale=None, dropout=None) -> "_Lazy":
     s = [d for d, r in enumerate(lw.roles) if r == "s"]
     i = [d for d, r in enumerate(lw.roles) if r == "i"]
     o = [d for d, r in enumerate(lw.roles) if r == "o"]
-    return cls(lw.w, lw.a, lw.b, s + i + [None], s + [None] + o, lw.scale,
-               lw.dropout, path)
+    return cls(lw.w, lw.a, lw.b, s + i + [None], s + [None] + o,
+               lw.scale if scale is None else scale,
+               lw.dropout if dropout is None else dropout, path)
 
   def materialize(self):
     """``stop_gradient(w) + ΔW`` in w's dtype (ΔW accumulated in float32)."""
+    if self.stacked:
+      raise NotImplementedError(
+          f"lora: {self.path} holds a stack of adapters and reached an operation "
+          "with no factored rule, or left the function as an array; a stack has "
+          "no single W + ΔW. Use the kernel only in matmuls / einsums, convs and "
+          "embedding lookups, or run one member alone (lj.unstack_adapters).")
     letters = "abcdefghijklmnopqstuvwxyz"[:self.ndim]
     sa = subscripts(self.a_dims, letters)
     sb = subscripts(self.b_dims, letters)
@@ -113,9 +136,12 @@ class _Context:
   def __init__(self, strict: bool, rng):
     self.strict, self.rng, self.subkeys, self.offset = strict, rng, 0, 0
     self.pair = None if rng is None else _threefry_pair(jax.random.fold_in(rng, 0))
+    self.adapter_ids = None  # (B,) int: each example's stack member, -1 = base
 
   def child(self, rng) -> "_Context":
-    return _Context(self.strict, rng)
+    ctx = _Context(self.strict, rng)
+    ctx.adapter_ids = self.adapter_ids
+    return ctx
 
   def next_key(self):
     """A key for a sub-stream (a scan's steps), never the site stream's."""
@@ -156,6 +182,9 @@ def fallback(ctx: _Context, eqn, invals):
   """Materialize every lazy operand of ``eqn`` and bind it as it is."""
   paths = sorted({x.path for x in invals if is_lazy(x)})
   name = eqn.primitive.name
+  for x in invals:
+    if is_lazy(x) and x.stacked:
+      x.materialize()  # raises: a stack is never materialized
   msg = (f"lora: `{name}` has no factored rule; W + ΔW is materialized for "
          f"{', '.join(paths)}. This is correct but spends the memory and "
          "FLOPs LoRA saves.")
@@ -212,7 +241,7 @@ def concrete(xs):
 def _split_args(args, kwargs):
   """Flatten (args, kwargs): dynamic array leaves, static leaves elsewhere."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(
-      (args, kwargs), is_leaf=lambda x: is_node(x) or is_quantized(x))
+      (args, kwargs), is_leaf=lambda x: is_node(x) or is_quantized(x) or is_stack(x))
   statics, where, dynamic, abstract = [], [], [], []
   for k, (path, leaf) in enumerate(leaves):
     if isinstance(leaf, Trainable):
@@ -222,8 +251,14 @@ def _split_args(args, kwargs):
             f"lora: {tree.path_str(path)} is a Trainable QuantizedWeight; quantized "
             "codes cannot be trained. Train a LoRA adapter on it (lora_init), or "
             "dequantize it first (lora_jax.dequantize).")
-    if isinstance(leaf, LoraWeight):
-      dynamic.append(_Lazy.from_weight(leaf, tree.path_str(path[2:])))  # not (args, 0)
+    if is_stack(leaf) and getattr(leaf.w, "shape", None) is None:
+      raise ValueError(
+          f"lora: {tree.path_str(path[2:])} is a stack of adapters without its base "
+          f"kernel (w={describe(leaf.w)}); put the stack on the base params first: "
+          "lj.attach(base_params, stack)")
+    if isinstance(leaf, (LoraWeight, StackedLora)):
+      make = _Lazy.from_stack if is_stack(leaf) else _Lazy.from_weight
+      dynamic.append(make(leaf, tree.path_str(path[2:])))  # not (args, 0)
       abstract.append(jax.ShapeDtypeStruct(leaf.w.shape, leaf.w.dtype))
     elif is_quantized(leaf):  # a rank-0 lazy value: dequantized where consumed
       from lora_jax._src import quant_rules
@@ -238,6 +273,44 @@ def _split_args(args, kwargs):
     statics.append(None)  # filled by the dynamic value at call time
     where.append(k)
   return treedef, statics, where, dynamic, abstract
+
+
+def _adapter_ids(dynamic, ids):
+  """Check ``adapter_ids`` against the stacks in the params; the ids or None."""
+  stacks = [x for x in dynamic if is_lazy(x) and x.stacked]
+  if not stacks:
+    if ids is not None:
+      raise ValueError(
+          "lora: adapter_ids were given but the params hold no stack of adapters; "
+          "build one with lj.stack_adapters([...]) and put it on the base with "
+          "lj.attach(base_params, stack), or drop adapter_ids")
+    return None
+  sizes = {x.a.shape[0] for x in stacks}
+  n = max(sizes)
+  if ids is None:
+    raise ValueError(
+        f"lora: {stacks[0].path} holds a stack of {n} adapters, so the call needs "
+        "adapter_ids: lj.lora(fn)(params, x, adapter_ids=ids) with ids an int array "
+        "with one entry per example (the inputs' leading axis): ids[i] in "
+        f"[0, {n}) picks example i's adapter, -1 runs it on the base alone. To run "
+        "one adapter for all, pass ids = jnp.full((batch,), k).")
+  if len(sizes) > 1:
+    raise ValueError(f"lora: the params hold stacks of different sizes {sorted(sizes)}; "
+                     "build every stack from the same adapters with lj.stack_adapters")
+  shape, dtype = getattr(ids, "shape", None), getattr(ids, "dtype", None)
+  if shape is None or dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+    raise TypeError(f"lora: adapter_ids must be an integer array (one adapter index "
+                    f"per example), got {describe(ids)}; e.g. "
+                    "jnp.asarray([0, 2, -1], jnp.int32)")
+  if len(shape) != 1:
+    raise ValueError(f"lora: adapter_ids must be 1-D (one entry per example), got "
+                     f"shape {tuple(shape)}")
+  if not isinstance(ids, jax.core.Tracer):
+    bad = [int(i) for i in np.asarray(ids) if not -1 <= int(i) < n]
+    if bad:
+      raise ValueError(f"lora: adapter_ids {bad[:5]} are out of range: the stack holds "
+                       f"{n} adapters, so ids must be in [0, {n}) or -1 (base alone)")
+  return jnp.asarray(ids)
 
 
 def _warn_dropout_without_rng(dynamic) -> list[bool]:
@@ -278,6 +351,16 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
   warning: their kernels are small and the factored form measured far
   slower (a 7x7 depthwise conv's train step: 62 s against 0.22 s on CPU).
 
+  Params holding a stack of adapters (``lj.attach(base, lj.stack_adapters(
+  [...]))``) need the keyword ``adapter_ids``: an int array with one entry per
+  example (the leading axis of the inputs); example ``i`` runs with adapter
+  ``ids[i]``, ``-1`` with the base alone. Each matmul, conv or embedding
+  lookup gathers every example's factors (``x·A[id]`` then ``·B[id]``), so
+  the FLOPs do not depend on the number of adapters, and changing the ids or
+  the stack's values (``lj.set_adapter``) reuses a jitted program. Ids out of
+  range are an error when they are concrete; under ``jit`` their rows come
+  out NaN.
+
   Args:
     fn: any JAX function, e.g. a Flax ``model.apply``.
     strict: raise instead of materializing ``W + ΔW`` when a LoraWeight
@@ -294,13 +377,18 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
     ...                  lj.LoraConfig(rank=2, targets="kernel"))
     >>> lj.lora(f)(p, jnp.ones((1, 4))).tolist()   # B = 0: unchanged
     [[4.0, 4.0, 4.0]]
+    >>> s = lj.attach({"kernel": jnp.ones((4, 3))},
+    ...               lj.stack_adapters([lj.adapter(p)] * 2))
+    >>> lj.lora(f)(s, jnp.ones((3, 4)), adapter_ids=jnp.array([0, 1, -1])).shape
+    (3, 3)
   """
 
   warned = []
 
   @functools.wraps(fn)
-  def wrapped(*args, lora_rng=None, **kwargs):
+  def wrapped(*args, lora_rng=None, adapter_ids=None, **kwargs):
     treedef, statics, where, dynamic, abstract = _split_args(args, kwargs)
+    ids = _adapter_ids(dynamic, adapter_ids)
     if lora_rng is None and not warned:
       warned.extend(_warn_dropout_without_rng(dynamic))
 
@@ -320,6 +408,7 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
 
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*abstract)
     ctx = _Context(strict, lora_rng)
+    ctx.adapter_ids = ids
     outs = eval_jaxpr(closed.jaxpr, closed.consts, dynamic, ctx)
     return jax.tree.unflatten(jax.tree.structure(out_shape), concrete(outs))
 

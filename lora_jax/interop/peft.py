@@ -71,6 +71,8 @@ from lora_jax._src.interop.peft_format import is_targeted as is_targeted
 from lora_jax._src.interop.peft_format import pattern_value as pattern_value
 from lora_jax._src.interop.peft_format import validate_config as validate_config
 from lora_jax._src.interop.peft_pack import pack_peft as pack_peft
+from lora_jax._src.interop.peft_stack import load_peft_stack as load_peft_stack
+from lora_jax._src.interop.peft_stack import save_peft_stack as save_peft_stack
 from lora_jax._src.interop.peft_unpack import PeftLoadReport as PeftLoadReport
 from lora_jax._src.interop.peft_unpack import unpack_peft as unpack_peft
 
@@ -84,10 +86,12 @@ __all__ = (
     "check_config",
     "is_targeted",
     "load_peft_adapter",
+    "load_peft_stack",
     "pack_peft",
     "pattern_value",
     "read_peft_adapter",
     "save_peft_adapter",
+    "save_peft_stack",
     "unpack_peft",
     "validate_config",
 )
