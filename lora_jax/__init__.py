@@ -16,6 +16,7 @@ from lora_jax._src.checkpoint import save_adapter as save_adapter
 from lora_jax._src.combine import combine_adapters as combine_adapters
 from lora_jax._src.config import LoraConfig as LoraConfig
 from lora_jax._src.init import lora_init as lora_init
+from lora_jax._src.inits import to_lora as to_lora
 from lora_jax._src.merge import adapter as adapter
 from lora_jax._src.merge import attach as attach
 from lora_jax._src.merge import base as base
@@ -62,5 +63,6 @@ __all__ = (
     "save_adapter",
     "split",
     "summary",
+    "to_lora",
     "unmerge",
 )

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src import layout, sharding, tree
-from lora_jax._src.config import LoraConfig
+from lora_jax._src.config import LoraConfig, layer_index
+from lora_jax._src.inits import is_base_changing, principal_factors
 from lora_jax._src.types import Params
 from lora_jax._src.weight import LoraWeight, Trainable, factor_shapes, is_node, max_rank
 
@@ -21,6 +22,22 @@ def _init_a(key, shape, roles: str, rank: int, init: str, dtype):
   else:  # PEFT's "gaussian": std 1/r
     a = jax.random.normal(key, a_shape, jnp.float32) / rank
   return a.astype(dtype)
+
+
+def _layer_mask(path: str, w, roles: str, layers):
+  """``True`` (every layer), ``False`` (skip the kernel) or a 0/1 mask over the
+  first stacked axis, for ``LoraConfig.layers_to_transform``."""
+  if layers is None:
+    return True
+  if roles.startswith("s"):
+    if max(layers) >= w.shape[0]:
+      raise ValueError(
+          f"lora_init: layers_to_transform={list(layers)} but {path} stacks "
+          f"{w.shape[0]} layers (shape {tuple(w.shape)}, roles {roles!r}); indexes "
+          f"must be < {w.shape[0]}")
+    return jnp.asarray(np.isin(np.arange(w.shape[0]), layers))
+  index = layer_index(path)
+  return index is not None and index in layers
 
 
 def _roles(path: str, leaf, config: LoraConfig, inferred: dict) -> str:
@@ -106,9 +123,14 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
 
   out = [x for _, x in leaves]
   keys = jax.random.split(key, len(targets))
+  adapted = 0
   for key_k, k in zip(keys, targets):
     path, w = leaves[k]
     roles = _roles(path, w, config, inferred)
+    mask = _layer_mask(path, w, roles, config.layers_to_transform)
+    if mask is False:
+      continue
+    adapted += 1
     rank = config.rank_for(path)
     if rank > max_rank(w.shape, roles):
       raise ValueError(
@@ -116,11 +138,27 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
           f"shape {tuple(w.shape)} with roles {roles!r} has rank at most "
           f"{max_rank(w.shape, roles)}")
     dtype = config.dtype or w.dtype
-    a = _init_a(key_k, w.shape, roles, rank, config.init, dtype)
-    b = jnp.zeros(factor_shapes(w.shape, roles, rank)[1], dtype)
+    scale = config.scale_for(path)
+    if is_base_changing(config.init):
+      w_res, a, b = principal_factors(key_k, w, roles, rank, scale, config.init)
+      if mask is not True:  # the layers outside layers_to_transform keep W, A = B = 0
+        w_res = jnp.where(mask.reshape((-1,) + (1,) * (w.ndim - 1)), w_res, w)
+      w = jax.device_put(w_res, w.sharding) if isinstance(w, jax.Array) else w_res
+      a, b = a.astype(dtype), b.astype(dtype)
+    else:
+      a = _init_a(key_k, w.shape, roles, rank, config.init, dtype)
+      b = jnp.zeros(factor_shapes(w.shape, roles, rank)[1], dtype)
+    if mask is not True:
+      a = a * mask.reshape((-1,) + (1,) * (a.ndim - 1)).astype(dtype)
+      b = b * mask.reshape((-1,) + (1,) * (b.ndim - 1)).astype(dtype)
     a, b = sharding.place_factors(w, a, b, roles)
-    out[k] = LoraWeight(w, a, b, scale=config.scale_for(path), roles=roles,
-                        dropout=float(config.dropout))
+    out[k] = LoraWeight(w, a, b, scale=scale, roles=roles, dropout=float(config.dropout))
+  if not adapted:
+    raise ValueError(
+        f"lora_init: layers_to_transform={list(config.layers_to_transform)} left no "
+        f"target: none of the {len(targets)} selected kernels is stacked (roles "
+        "starting with 's') or has a layer index in its path ('N' or 'name_N') in "
+        f"that list; selected: {[paths[k] for k in targets][:6]}")
   for k in trained:
     out[k] = Trainable(out[k], out[k])
   return jax.tree_util.tree_unflatten(treedef, out)
