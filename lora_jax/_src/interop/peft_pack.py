@@ -64,6 +64,11 @@ def _target_modules(adapted: set[str], all_modules: set[str]) -> list[str]:
   return out
 
 
+def _zero_layer(lw: LoraWeight, layer: int) -> bool:
+  """Layer ``layer`` of a stacked adapter has A = B = 0 (an exact no-op)."""
+  return not (np.any(to_numpy(lw.a[layer])) or np.any(to_numpy(lw.b[layer])))
+
+
 def _to_peft(lw: LoraWeight, layer: int | None, module: str,
              torch_shape, is_embedding: bool) -> dict[str, np.ndarray]:
   a, b = to_numpy(lw.a), to_numpy(lw.b)
@@ -157,6 +162,8 @@ def pack_peft(params: Any, name_map: NameMap, *, use_rslora: bool = False,
     is_embedding = path.rsplit("/", 1)[-1] == "embedding"
     for layer, k in zip(layers, torch_keys(key, shape)):
       module = k[:-len(".weight")]
+      if layer is not None and _zero_layer(x, layer):
+        continue  # outside layers_to_transform: no adapter there (PEFT's selection)
       torch_shape = shapes.get(k)
       if (torch_shape is None and roles.count("i") > 1 and roles.count("o") == 1
           and not is_embedding and layout != "conv1d"):
