@@ -26,6 +26,10 @@ from lora_jax._src.optim import combine as combine
 from lora_jax._src.optim import labels as labels
 from lora_jax._src.optim import optimizer as optimizer
 from lora_jax._src.optim import split as split
+from lora_jax._src.quant import QuantConfig as QuantConfig
+from lora_jax._src.quant import QuantizedWeight as QuantizedWeight
+from lora_jax._src.quant import dequantize as dequantize
+from lora_jax._src.quant import quantize as quantize
 from lora_jax._src.sharding import factor_specs as factor_specs
 from lora_jax._src.sharding import lora_shardings as lora_shardings
 from lora_jax._src.summary import Summary as Summary
@@ -42,6 +46,8 @@ __all__ = (
     "LoraConfig",
     "LoraFallbackWarning",
     "LoraWeight",
+    "QuantConfig",
+    "QuantizedWeight",
     "Summary",
     "Trainable",
     "adapter",
@@ -51,6 +57,7 @@ __all__ = (
     "combine",
     "combine_adapters",
     "delta",
+    "dequantize",
     "factor_specs",
     "labels",
     "lora",
@@ -59,6 +66,7 @@ __all__ = (
     "lora_shardings",
     "merge",
     "optimizer",
+    "quantize",
     "read_description",
     "save_adapter",
     "split",

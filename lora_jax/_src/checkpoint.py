@@ -31,6 +31,7 @@ from lora_jax._src.checkpoint_check import check_arrays, check_description, seal
 from lora_jax._src.checkpoint_format import (ARRAYS, INFO, fit_errors, pack, restore_target,
                                              unpack)
 from lora_jax._src.types import Params
+from lora_jax._src.weight import is_node
 
 
 def adapter_args(params: Params, config=None, step: int | None = None) -> ocp.args.Composite:
@@ -308,7 +309,7 @@ def load_adapter(directory, base_params: Params, step: int | None = None) -> Par
   path = _resolve(directory, step)
   info = _read_description(path)
   base_params = merge.base(base_params)
-  leaves = dict(tree.flatten(base_params)[0])
+  leaves = dict(tree.flatten(base_params, is_leaf=is_node)[0])  # a QuantizedWeight whole
   errors = fit_errors(info["entries"], leaves)
   if errors:
     missing = any("not in the base params" in e for e in errors)

@@ -207,7 +207,7 @@ def unpack(arrays: dict, description: dict, base_params: Params) -> Params:
     >>> bool((q["kernel"].a == p["kernel"].a).all()), q["kernel"].scale
     (True, 1.0)
   """
-  leaves = dict(tree.flatten(base_params)[0])
+  leaves = dict(tree.flatten(base_params, is_leaf=is_node)[0])  # a QuantizedWeight whole
   out = {}
   for path, e in description["entries"].items():
     arr = _lookup(arrays, e["key"])

@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._src import layout, sharding, tree
+from lora_jax._src import layout, quant_sharding, sharding, tree
 from lora_jax._src.config import LoraConfig, layer_index
 from lora_jax._src.inits import is_base_changing, principal_factors
+from lora_jax._src.quant import abstract_quantized, is_quantized
 from lora_jax._src.types import Params
 from lora_jax._src.weight import LoraWeight, Trainable, factor_shapes, is_node, max_rank
 
@@ -41,6 +42,8 @@ def _layer_mask(path: str, w, roles: str, layers):
 
 
 def _roles(path: str, leaf, config: LoraConfig, inferred: dict) -> str:
+  if is_quantized(leaf):
+    return leaf.roles  # fixed when it was quantized
   roles = config.layout_for(path) or inferred.get(path)
   if roles is None and np.ndim(leaf) == 2:
     roles = "io"
@@ -117,9 +120,16 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
                      f"and as trainable: {[paths[k] for k in both]}")
   for k in targets:
     _check_leaf(*leaves[k])
+  for k in trained:
+    if is_quantized(leaves[k][1]):
+      raise ValueError(
+          f"lora_init: {paths[k]} is a QuantizedWeight and cannot be trained in "
+          "full (its codes are integers). Drop it from LoraConfig.trainable, give "
+          "it an adapter (targets), or keep it out of QuantConfig.targets.")
   inferred = {}
   if trace is not None:
-    inferred = layout.infer_roles(trace, params, [paths[k] for k in targets])
+    inferred = layout.infer_roles(trace, abstract_quantized(params),
+                                  [paths[k] for k in targets])
 
   out = [x for _, x in leaves]
   keys = jax.random.split(key, len(targets))
@@ -140,6 +150,11 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
     dtype = config.dtype or w.dtype
     scale = config.scale_for(path)
     if is_base_changing(config.init):
+      if is_quantized(w):
+        raise ValueError(
+            f"lora_init: init={config.init!r} rewrites {path} as W - s·A@B, but it is "
+            "quantized; initialize PiSSA / OLoRA on the float kernels, then quantize "
+            "the residual base (as PEFT advises)")
       w_res, a, b = principal_factors(key_k, w, roles, rank, scale, config.init)
       if mask is not True:  # the layers outside layers_to_transform keep W, A = B = 0
         w_res = jnp.where(mask.reshape((-1,) + (1,) * (w.ndim - 1)), w_res, w)
@@ -151,7 +166,8 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
     if mask is not True:
       a = a * mask.reshape((-1,) + (1,) * (a.ndim - 1)).astype(dtype)
       b = b * mask.reshape((-1,) + (1,) * (b.ndim - 1)).astype(dtype)
-    a, b = sharding.place_factors(w, a, b, roles)
+    place = quant_sharding.place_factors if is_quantized(w) else sharding.place_factors
+    a, b = place(w, a, b, roles)
     out[k] = LoraWeight(w, a, b, scale=scale, roles=roles, dropout=float(config.dropout))
   if not adapted:
     raise ValueError(

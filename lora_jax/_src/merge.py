@@ -5,7 +5,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from lora_jax._src import tree
+from lora_jax._src import quant, tree
 from lora_jax._src.types import Params
 from lora_jax._src.weight import (LoraWeight, Trainable, delta, describe, factor_shapes,
                                   is_node, node_problems)
@@ -73,11 +73,22 @@ def _check_nodes(what: str, leaves, need=("w", "a", "b", "value", "base")) -> No
                      + "\n  ".join(errors))
 
 
-def merge(params: Params) -> Params:
+def merge(params: Params, *, requantize: bool = False) -> Params:
   """Fold every adapter into its kernel: plain params for zero-cost inference.
 
   The result has exactly the original tree structure, shapes and dtypes;
-  ``Trainable`` leaves become their trained value.
+  ``Trainable`` leaves become their trained value. A quantized base (QLoRA)
+  is dequantized to its ``compute_dtype`` first (the weights the adapter was
+  trained against) and ``W + ΔW`` is returned in that dtype; every
+  ``QuantizedWeight`` becomes a plain array.
+
+  Args:
+    params: params from ``lora_init``.
+    requantize: with a quantized base, quantize each merged kernel again in
+      its base's format and return ``(params, report)``, where ``report``
+      maps each requantized path to its error against the dense merge
+      (``{"rel_frobenius": ..., "max_abs": ...}``); kernels without an
+      adapter keep their codes.
 
   Example:
     >>> import jax, jax.numpy as jnp, lora_jax as lj
@@ -86,6 +97,9 @@ def merge(params: Params) -> Params:
     >>> lj.merge(p)["kernel"].shape
     (4, 3)
   """
+  if requantize:
+    return quant.merge_requantized(params, merge)
+  params = quant.dequantize(params)
   leaves, treedef = tree.flatten(params, is_leaf=is_node)
   _check_nodes("merge", leaves)
   out, last = [], None

@@ -91,10 +91,26 @@ def optimizer(tx: optax.GradientTransformation, params: Params, *,
                     f"optax.adamw(1e-3), got {describe(tx)} (the call is "
                     "lj.optimizer(tx, params))")
   _require_nodes("optimizer", params)  # labels come from what optax hands over
-  out = optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
+  out = optax.multi_transform({TRAINABLE: tx, FROZEN: _frozen()}, labels)
   if b_lr_ratio is None:
     return out
   return optax.chain(out, optax.masked(optax.scale(_ratio(b_lr_ratio)), _b_factors))
+
+
+def _frozen() -> optax.GradientTransformation:
+  """``set_to_zero``; a float0 gradient (integer codes of a QuantizedWeight,
+  ``jax.grad(..., allow_int=True)``) becomes a zero of its param's dtype, so
+  ``optax.apply_updates`` leaves the codes as they are."""
+  def zero(u, p):
+    if getattr(u, "dtype", None) == jax.dtypes.float0 and hasattr(p, "dtype"):
+      return jax.numpy.zeros(p.shape, p.dtype)
+    return jax.numpy.zeros_like(u)
+
+  def update(updates, state, params=None):
+    if params is None:
+      return jax.tree.map(jax.numpy.zeros_like, updates), state
+    return jax.tree.map(zero, updates, params), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def split(params: Params) -> tuple[Params, Params]:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.extend import core as jex_core
 
 from lora_jax._src import tree
+from lora_jax._src.quant import dense, is_quantized
 from lora_jax._src.weight import LoraWeight, Trainable, is_node
 
 
@@ -84,7 +85,7 @@ class _Lazy:
     sb = subscripts(self.b_dims, letters)
     d = jnp.einsum(f"{sa},{sb}->{letters}", self.a, self.b,
                    preferred_element_type=jnp.float32)
-    w = jax.lax.stop_gradient(self.w)
+    w = jax.lax.stop_gradient(dense(self.w))
     return (w.astype(jnp.float32) + self.scale * d).astype(w.dtype)
 
 
@@ -147,7 +148,7 @@ def bind(eqn, invals):
 
 def eval_jaxpr(jaxpr, consts, args, ctx: _Context):
   """Evaluate ``jaxpr`` with lazy LoraWeight values flowing through it."""
-  from lora_jax._src import rules  # rules import this module
+  from lora_jax._src import quant_rules, rules  # they import this module
 
   env = {}
 
@@ -161,8 +162,9 @@ def eval_jaxpr(jaxpr, consts, args, ctx: _Context):
   for eqn in jaxpr.eqns:
     invals = [read(v) for v in eqn.invars]
     if any(is_lazy(x) for x in invals):
-      rule = rules.RULES.get(eqn.primitive.name)
-      outs = rule(ctx, eqn, invals) if rule else fallback(ctx, eqn, invals)
+      rule = rules.RULES.get(eqn.primitive.name, fallback)
+      outs = quant_rules.run(rule, ctx, eqn, invals)  # rule(ctx, eqn, invals), or
+      # with quantized kernels dequantized where this op consumes them
     else:
       outs = bind(eqn, invals)
     for v, x in zip(eqn.outvars, outs):
@@ -179,14 +181,23 @@ def concrete(xs):
 def _split_args(args, kwargs):
   """Flatten (args, kwargs): dynamic array leaves, static leaves elsewhere."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(
-      (args, kwargs), is_leaf=is_node)
+      (args, kwargs), is_leaf=lambda x: is_node(x) or is_quantized(x))
   statics, where, dynamic, abstract = [], [], [], []
   for k, (path, leaf) in enumerate(leaves):
     if isinstance(leaf, Trainable):
       leaf = leaf.value
+      if is_quantized(leaf):
+        raise TypeError(
+            f"lora: {tree.path_str(path)} is a Trainable QuantizedWeight; quantized "
+            "codes cannot be trained. Train a LoRA adapter on it (lora_init), or "
+            "dequantize it first (lora_jax.dequantize).")
     if isinstance(leaf, LoraWeight):
       dynamic.append(_Lazy.from_weight(leaf, tree.path_str(path)))
       abstract.append(jax.ShapeDtypeStruct(leaf.w.shape, leaf.w.dtype))
+    elif is_quantized(leaf):  # a rank-0 lazy value: dequantized where consumed
+      from lora_jax._src import quant_rules
+      dynamic.append(_Lazy.from_weight(quant_rules.rank0(leaf), tree.path_str(path)))
+      abstract.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
     elif tree.is_array(leaf) or isinstance(leaf, jax.core.Tracer):
       dynamic.append(leaf)
       abstract.append(leaf)

@@ -363,9 +363,16 @@ class Trainable(_NotAnArray):
     return f"Trainable(value={getattr(self.value, 'dtype', '')}{list(shape or ())})"
 
 
+class FrozenKernel:
+  """Base of nodes standing for a frozen kernel stored in another form
+  (``QuantizedWeight``): tree walks stop at them like at a LoraWeight."""
+
+  __slots__ = ()
+
+
 def is_node(x: Any) -> bool:
   """``is_leaf`` predicate that stops at lora_jax nodes."""
-  return isinstance(x, (LoraWeight, Trainable))
+  return isinstance(x, (LoraWeight, Trainable, FrozenKernel))
 
 
 def factor_shapes(shape, roles: str, rank: int):

@@ -13,6 +13,7 @@ from lora_jax.models.llama import LlamaBlock as LlamaBlock
 from lora_jax.models.llama import LlamaConfig as LlamaConfig
 from lora_jax.models.llama import LlamaMLP as LlamaMLP
 from lora_jax.models.llama import generate as generate
+from lora_jax._src.models.llama_bnb import load_bnb_llama as load_bnb_llama
 from lora_jax.models.llama import generate_cached as generate_cached
 from lora_jax.models.llama import init_cache as init_cache
 from lora_jax.models.llama import init_params as init_params
@@ -35,6 +36,7 @@ __all__ = (
     "init_params",
     "llama_name_map",
     "llama_rules",
+    "load_bnb_llama",
     "load_hf_llama",
     "rotary",
     "save_hf_llama",

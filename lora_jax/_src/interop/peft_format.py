@@ -15,6 +15,7 @@ import numpy as np
 
 from lora_jax._src import tree
 from lora_jax._src.interop.names import torch_index
+from lora_jax._src.weight import is_node
 
 PREFIX = "base_model.model."
 
@@ -228,7 +229,7 @@ def is_io(roles: str) -> bool:
 def kernel_modules(base_params, name_map) -> dict[str, tuple[str, int | None]]:
   """``{module: (flax_path, layer)}`` for every kernel / embedding weight."""
   out = {}
-  leaves = dict(tree.flatten(base_params)[0])
+  leaves = dict(tree.flatten(base_params, is_leaf=is_node)[0])  # a QuantizedWeight whole
   for key, (path, layer) in torch_index(base_params, name_map).items():
     per = np.ndim(leaves[path]) - (layer is not None)
     if key.endswith(".weight") and per >= 2:

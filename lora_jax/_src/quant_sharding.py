@@ -1,0 +1,85 @@
+"""A QuantizedWeight keeps its kernel's sharding.
+
+Codes and block scales are laid out ``stack + (out, in // k)``: they take the
+kernel's specs of its stacked axes, its (first sharded) output axis and its
+input axis; the double-quantization statistics take the stacked axes' specs.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+
+def _spec_of(w):
+  s = getattr(w, "sharding", None)
+  if not isinstance(s, NamedSharding):
+    return None, None
+  spec = tuple(s.spec) + (None,) * (w.ndim - len(s.spec))
+  return s.mesh, spec
+
+
+def _group(spec, roles: str, role: str):
+  """The mesh axes of a flattened group of kernel axes (the first sharded one)."""
+  found = [spec[d] for d, r in enumerate(roles) if r == role and spec[d] is not None]
+  return found[0] if found else None
+
+
+def _put(x, mesh, spec):
+  if x is None:
+    return None
+  sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+  fixed = []
+  for n, s in zip(x.shape, spec):
+    names = (s,) if isinstance(s, str) else tuple(s or ())
+    ways = int(np.prod([sizes[a] for a in names])) if names else 1
+    fixed.append(s if n % ways == 0 else None)  # indivisible: replicate that axis
+  return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*fixed)))
+
+
+def specs(q, spec):
+  """PartitionSpecs of (codes, absmax, absmax2, offset) for a kernel's ``spec``."""
+  roles = q.roles
+  stack = [spec[d] for d, r in enumerate(roles) if r == "s"]
+  out, ins = _group(spec, roles, "o"), _group(spec, roles, "i")
+  mat = tuple(stack) + (out, ins)
+  return mat, mat, tuple(stack) + (None,), tuple(stack)
+
+
+def place_like(q, w):
+  """``q`` with its arrays sharded like the kernel ``w`` (if ``w`` is sharded)."""
+  mesh, spec = _spec_of(w)
+  if mesh is None or isinstance(w, jax.core.Tracer):
+    return q
+  s = specs(q, spec)
+  leaves = (q.codes, q.absmax, q.absmax2, q.offset)
+  placed = [_put(x, mesh, sp) for x, sp in zip(leaves, s)]
+  return type(q)(*placed, kind=q.kind, block_size=q.block_size,
+                 inner_shape=q.inner_shape, inner_roles=q.inner_roles, dtype=q.dtype)
+
+
+def kernel_sharding(q):
+  """The NamedSharding of the kernel ``q`` stands for, read from its codes
+  (the spec of its stacked axes, first output axis and first input axis)."""
+  s = getattr(q.codes, "sharding", None)
+  if isinstance(q.codes, jax.core.Tracer) or not isinstance(s, NamedSharding):
+    return None
+  spec = tuple(s.spec) + (None,) * (q.codes.ndim - len(s.spec))
+  roles = q.roles
+  firsts = {r: roles.index(r) for r in "io"}
+  kernel = []
+  for d, r in enumerate(roles):
+    if r == "s":
+      kernel.append(spec[d])
+    else:
+      kernel.append(spec[-2 if r == "o" else -1] if d == firsts[r] else None)
+  return NamedSharding(s.mesh, PartitionSpec(*kernel))
+
+
+def place_factors(q, a, b, roles: str):
+  """``(a, b)`` sharded like the kernel a sharded QuantizedWeight stands for."""
+  from lora_jax._src import sharding
+  s = kernel_sharding(q)
+  if s is None:
+    return a, b
+  sa, sb = sharding.factor_shardings(s, roles)
+  return jax.device_put(a, sa), jax.device_put(b, sb)
