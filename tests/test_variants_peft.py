@@ -205,3 +205,25 @@ def test_peft_layers_to_transform_adapter_loads(tmp_path, scan):
   lp = lj_peft.load_peft_adapter(tmp_path, params, NAME_MAP)
   np.testing.assert_allclose(_logits(cfg, lp), hf_logits(pm.eval()), atol=1e-4, rtol=1e-4)
   assert json.loads((tmp_path / "adapter_config.json").read_text())["layers_to_transform"] == [0]
+
+
+@pytest.mark.parametrize("init,scan", [("pissa", False), ("olora", True)])
+def test_unconverted_peft_pissa_olora_adapter_loads(tmp_path, init, scan):
+  """PEFT saves a PiSSA / OLoRA adapter as it is and, on loading, redoes the init
+  on the base (W - s·A0@B0) before loading A, B; lora_jax does the same."""
+  model = hf_model()
+  base_sd = {k: v.clone() for k, v in model.state_dict().items()}
+  pm = peft.get_peft_model(model, peft.LoraConfig(
+      r=4, lora_alpha=8, target_modules=PROJ, init_lora_weights=init,
+      layers_to_transform=[1] if scan else None))
+  with torch.no_grad():
+    for name, p in pm.named_parameters():
+      if "lora_" in name:
+        p.add_(0.05 * torch.randn_like(p))  # "trained"
+  pm.save_pretrained(tmp_path)
+  loaded = peft.PeftModel.from_pretrained(hf_model(), tmp_path).eval()
+  want = hf_logits(loaded)
+  np.testing.assert_allclose(hf_logits(pm.eval()), want, atol=1e-4)  # PEFT's own round trip
+  cfg, params = _base(base_sd, scan)
+  lp = lj_peft.load_peft_adapter(tmp_path, params, NAME_MAP)
+  np.testing.assert_allclose(_logits(cfg, lp), want, atol=1e-4, rtol=1e-4)
