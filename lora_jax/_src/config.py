@@ -87,33 +87,39 @@ def _positive_real(name: str, value: Any) -> float | int:
   return value
 
 
-def _regex(name: str, pattern: Any) -> re.Pattern:
+def _regex(name: str, pattern: Any, owner: str = "LoraConfig") -> re.Pattern:
   if not isinstance(pattern, str):
-    raise TypeError(f"LoraConfig.{name}: keys must be regex strings, got "
+    raise TypeError(f"{owner}.{name}: keys must be regex strings, got "
                     f"{type(pattern).__name__} {pattern!r}")
   try:
     return re.compile(pattern)
   except re.error as e:
-    raise ValueError(f"LoraConfig.{name}: {pattern!r} is not a valid regex: {e}") from e
+    raise ValueError(f"{owner}.{name}: {pattern!r} is not a valid regex: {e}") from e
 
 
-def _pattern_map(name: str, value: Any, check) -> dict | None:
+def _pattern_map(name: str, value: Any, check, owner: str = "LoraConfig") -> dict | None:
   """Validate a ``{regex: value}`` field: ``{regex: checked value}``."""
   if value is None:
     return None
   if not isinstance(value, Mapping):
-    raise TypeError(f"LoraConfig.{name} must be a dict {{regex: value}} or None, "
+    raise TypeError(f"{owner}.{name} must be a dict {{regex: value}} or None, "
                     f"got {type(value).__name__} {value!r}")
   for k in value:
-    _regex(name, k)
+    _regex(name, k, owner)
   return {k: check(f"{name}[{k!r}]", v) for k, v in value.items()}
 
 
-def _roles(name: str, roles: Any) -> str:
+def compile_layouts(value: Any, owner: str) -> dict | None:
+  """A checked ``layouts`` field as ``{compiled regex: roles}`` (None: none)."""
+  value = _pattern_map("layouts", value, lambda name, v: _roles(name, v, owner), owner)
+  return None if value is None else {re.compile(k): v for k, v in value.items()}
+
+
+def _roles(name: str, roles: Any, owner: str = "LoraConfig") -> str:
   if not isinstance(roles, str) or not set(roles) <= ROLES or not (
       "i" in roles and "o" in roles):
     raise ValueError(
-        f"LoraConfig.{name} must be a string of 's', 'i', 'o' with at least one "
+        f"{owner}.{name} must be a string of 's', 'i', 'o' with at least one "
         f"'i' and one 'o' (e.g. 'io', 'sio'); got {roles!r}")
   return roles
 

@@ -41,12 +41,20 @@ def _layer_mask(path: str, w, roles: str, layers):
   return index is not None and index in layers
 
 
-def _roles(path: str, leaf, config: LoraConfig, inferred: dict) -> str:
+def _roles(path: str, leaf, config: LoraConfig, inferred: dict,
+           why: dict | None = None) -> str:
   if is_quantized(leaf):
     return leaf.roles  # fixed when it was quantized
   roles = config.layout_for(path) or inferred.get(path)
   if roles is None and np.ndim(leaf) == 2:
     roles = "io"
+  if roles is None and why is not None:  # a trace was given and did not settle it
+    raise ValueError(
+        f"lora_init: the trace could not tell the layout of {path}: "
+        f"{why.get(path, 'it never reached the traced model')}. Name it in "
+        "LoraConfig(layouts={regex: roles}) with one role per axis: 's' "
+        "stacked (one adapter per entry), 'i' input, 'o' output, e.g. 'sio', "
+        "'ioo', 'iio', 'iiio'.")
   if roles is None:
     raise ValueError(
         f"lora_init: cannot tell the layout of {path} with shape "
@@ -79,8 +87,22 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
               trace: Callable[[Params], Any] | None = None) -> Params:
   """Replace each selected kernel by a ``LoraWeight(w, a, b)``.
 
-  ``b`` is zero, so the model's output is unchanged, bit for bit. Leaves
-  selected by ``config.trainable`` become ``Trainable(value, base)``.
+  ``b`` is zero, so under ``lora(fn)`` every adapted product is exactly
+  ``x·W`` (the LoRA branch adds exact zeros) and the model's output equals
+  the base model's to floating-point rounding: usually bit for bit, within
+  a few ulps of the output's scale where XLA rounds the surrounding ops
+  differently (it may fuse a base product with the next add into one FMA
+  only while no branch is added, e.g. a size-1 contraction before a bias or
+  BatchNorm; eagerly, ops that ``jax.numpy`` runs as one compiled call, such
+  as ``var``, run one by one). Leaves selected by ``config.trainable``
+  become ``Trainable(value, base)``.
+
+  With ``init="pissa"`` / ``"pissa_niter_K"`` / ``"olora"`` ``a`` and ``b``
+  start at the kernel's principal part and ``w`` becomes ``W - s·a@b`` (the
+  output is then equal to float32 rounding, not bit for bit); keep
+  ``lj.adapter(params)`` from right here to convert later (``lj.to_lora``).
+  With ``config.layers_to_transform`` only those layers are adapted: other
+  kernels stay plain, and a stacked kernel's other layers hold ``a = b = 0``.
 
   Args:
     key: a PRNG key for the ``a`` factors.
@@ -126,17 +148,18 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
           f"lora_init: {paths[k]} is a QuantizedWeight and cannot be trained in "
           "full (its codes are integers). Drop it from LoraConfig.trainable, give "
           "it an adapter (targets), or keep it out of QuantConfig.targets.")
-  inferred = {}
+  inferred, why = {}, None
   if trace is not None:
+    why = {}
     inferred = layout.infer_roles(trace, abstract_quantized(params),
-                                  [paths[k] for k in targets])
+                                  [paths[k] for k in targets], why)
 
   out = [x for _, x in leaves]
   keys = jax.random.split(key, len(targets))
   adapted = 0
   for key_k, k in zip(keys, targets):
     path, w = leaves[k]
-    roles = _roles(path, w, config, inferred)
+    roles = _roles(path, w, config, inferred, why)
     mask = _layer_mask(path, w, roles, config.layers_to_transform)
     if mask is False:
       continue

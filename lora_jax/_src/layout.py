@@ -14,8 +14,13 @@ matmul, conv or gather that consumes it:
   stacked layers) is ``s``.
 
 Transposes, reshapes, casts, slices and calls (jit, checkpoint, cond, while,
-custom_jvp) are followed through. When a kernel has several consumers the
-first one in program order decides (a tied embedding is an embedding).
+custom_jvp) are followed through. An axis that is indexed away (``w[0]``:
+a slice or dynamic_slice then a squeeze, or a gather of one point) picks one
+of several independent matrices, so unless a consumer settles it otherwise
+it is stacked (``s``), as in Gemma's ``(2, d, ff)`` gating kernel. An axis
+of size 1 that no consumer settles (dropped by a reshape or squeeze) takes a
+neighbour's role: any role is exact for it. When a kernel has several consumers the first one in program order
+decides (a tied embedding is an embedding).
 """
 
 from typing import Any, Callable
@@ -73,12 +78,28 @@ def _reshape_map(old_shape, new_shape, amap):
 class _Walker:
   """Walks a jaxpr and records roles for the tracked kernels."""
 
-  def __init__(self, n_kernels: int):
-    self.roles: list[dict[int, str]] = [dict() for _ in range(n_kernels)]
+  def __init__(self, shapes):
+    self.shapes = [tuple(s) for s in shapes]
+    self.roles: list[dict[int, str]] = [dict() for _ in shapes]
+    self.indexed: list[set[int]] = [set() for _ in shapes]  # 's' unless a consumer says
+    self.stopped: list[str | None] = [None] * len(shapes)  # first op not followed
 
   def record(self, kernel: int, axes, role: str):
     for ax in axes:
       self.roles[kernel].setdefault(ax, role)
+
+  def stop(self, maps, name: str):
+    for m in maps:
+      if m is not None and self.stopped[m[0]] is None:
+        self.stopped[m[0]] = name
+
+  def dropped(self, old_shape, new_shape, amap):
+    """Indexed-away axes (size 1 here, larger in the kernel) are stacked."""
+    k, axes = amap
+    kept = {d for oi, _ in reshape_groups(old_shape, new_shape) for d in oi}
+    for d, ax in enumerate(axes):
+      if d not in kept:
+        self.indexed[k].update(a for a in ax if self.shapes[k][a] != 1)
 
   def walk(self, jaxpr, in_maps):
     env = {}
@@ -94,11 +115,15 @@ class _Walker:
       for v, m in zip(eqn.outvars, outs):
         if m is not None:
           env[v] = m
+    return [env.get(v) if isinstance(v, jex_core.Var) else None
+            for v in jaxpr.outvars]
 
   def eqn(self, eqn, maps):
     name, params, n_out = eqn.primitive.name, eqn.params, len(eqn.outvars)
     none = [None] * n_out
     if name in _IDENTITY:
+      if any(m is not None for m in maps[1:]):  # a kernel as a start index
+        self.stop(maps[1:], name)
       return [maps[0]] + [None] * (n_out - 1)
     if name == "transpose":
       k, m = maps[0]
@@ -107,11 +132,11 @@ class _Walker:
       k, m = maps[0]
       old = eqn.invars[0].aval.shape
       new = eqn.outvars[0].aval.shape
-      if name == "broadcast_in_dim" and any(
-          old[a] != new[b] for a, b in enumerate(params["broadcast_dimensions"])):
+      if name == "broadcast_in_dim" and (_prod(old) != _prod(new) or any(
+          old[a] != new[b] for a, b in enumerate(params["broadcast_dimensions"]))):
+        self.stop(maps, name)
         return none
-      if name == "broadcast_in_dim" and _prod(old) != _prod(new):
-        return none
+      self.dropped(old, new, maps[0])
       return [(k, _reshape_map(old, new, m))]
     if name == "dot_general":
       (lc, rc), (lb, rb) = params["dimension_numbers"]
@@ -129,6 +154,8 @@ class _Walker:
       for d, ax in enumerate(axes):
         self.record(k, ax, "o" if d == out_feature else "i")
       return none
+    if name == "gather" and maps[0] is not None and _is_point(eqn):
+      return [_point_gather_map(eqn, maps[0], self)]
     if name == "gather" and maps[0] is not None:
       k, axes = maps[0]
       indexed = params["dimension_numbers"].start_index_map
@@ -140,7 +167,8 @@ class _Walker:
     if name in _CALLS:
       sub = params.get("jaxpr", params.get("call_jaxpr", params.get("fun_jaxpr")))
       if sub is not None:
-        self.walk(getattr(sub, "jaxpr", sub), maps)
+        outs = self.walk(getattr(sub, "jaxpr", sub), maps)
+        return outs if len(outs) == n_out else none
       return none
     if name == "cond":
       for br in params["branches"]:
@@ -152,6 +180,7 @@ class _Walker:
       self.walk(params["cond_jaxpr"].jaxpr, maps[:cn] + carry)
       self.walk(params["body_jaxpr"].jaxpr, maps[cn:cn + bn] + carry)
       return none
+    self.stop(maps, name)
     return none
 
   def scan(self, eqn, maps):
@@ -168,6 +197,36 @@ class _Walker:
     return [None] * len(eqn.outvars)
 
 
+def _is_point(eqn) -> bool:
+  """A gather of one point (``w[i]``, ``jnp.take(w, i, axis)``), not a lookup."""
+  dn = eqn.params["dimension_numbers"]
+  out_ndim = len(eqn.outvars[0].aval.shape)
+  return len(dn.offset_dims) == out_ndim and not dn.operand_batching_dims
+
+
+def _point_gather_map(eqn, amap, walker):
+  """Axes of a point gather's output; the collapsed (indexed) axes are stacked."""
+  k, axes = amap
+  dn = eqn.params["dimension_numbers"]
+  for d in dn.collapsed_slice_dims:
+    walker.indexed[k].update(a for a in axes[d] if walker.shapes[k][a] != 1)
+  kept = [axes[d] for d in range(len(axes)) if d not in dn.collapsed_slice_dims]
+  return (k, tuple(kept))
+
+
+def _fill_unit_axes(shape, found: dict) -> dict:
+  """Size-1 axes no consumer settled take the role of a settled neighbour."""
+  found = dict(found)
+  for _ in range(len(shape)):
+    for d in range(len(shape)):
+      if d not in found and shape[d] == 1:
+        near = [found.get(d - 1), found.get(d + 1)]
+        role = next((r for r in near if r is not None), None)
+        if role is not None:
+          found[d] = role
+  return found
+
+
 def _prod(shape):
   out = 1
   for d in shape:
@@ -175,15 +234,19 @@ def _prod(shape):
   return out
 
 
-def infer_roles(trace: Callable[[Any], Any], params, paths: list[str]) -> dict[str, str]:
+def infer_roles(trace: Callable[[Any], Any], params, paths: list[str],
+                why: dict | None = None) -> dict[str, str]:
   """Roles strings for the leaves at ``paths``, from an abstract trace.
 
   Args:
     trace: a function of ``params`` only that runs the model, e.g.
       ``lambda p: model.apply(p, x)``. It is traced with ``jax.make_jaxpr``
-      on abstract values: no FLOPs are spent.
+      on abstract values: no FLOPs are spent. Leaves that are not arrays
+      (ints, strings) are passed to it as they are, static.
     params: the params pytree (arrays or ``jax.ShapeDtypeStruct``).
     paths: the '/'-joined leaf paths to report on.
+    why: if given, filled with ``{path: reason}`` for the paths the trace
+      could not settle.
 
   Returns:
     ``{path: roles}`` for every path whose kernel reached a matmul, conv or
@@ -192,25 +255,47 @@ def infer_roles(trace: Callable[[Any], Any], params, paths: list[str]) -> dict[s
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   strs = [tree.path_str(p) for p, _ in leaves]
   wanted = {p: n for n, p in enumerate(paths)}
-  abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for _, x in leaves]
+  arrays = [k for k, (_, x) in enumerate(leaves) if _is_arraylike(x)]
+  values = [x for _, x in leaves]
 
   def flat(*xs):
-    return trace(jax.tree_util.tree_unflatten(treedef, xs))
+    full = list(values)
+    for k, x in zip(arrays, xs):
+      full[k] = x
+    return trace(jax.tree_util.tree_unflatten(treedef, full))
 
+  abstract = [jax.ShapeDtypeStruct(values[k].shape, values[k].dtype) for k in arrays]
   closed = jax.make_jaxpr(flat)(*abstract)
-  walker = _Walker(len(paths))
+  shapes = {s: tuple(getattr(x, "shape", ())) for s, (_, x) in zip(strs, leaves)}
+  walker = _Walker([shapes[p] for p in paths])
   in_maps = []
-  for s, (_, x) in zip(strs, leaves):
-    if s in wanted:
-      in_maps.append((wanted[s], tuple(frozenset([d]) for d in range(len(x.shape)))))
-    else:
-      in_maps.append(None)
+  for k in arrays:
+    n = wanted.get(strs[k])
+    ndim = len(values[k].shape)
+    in_maps.append(None if n is None else (n, tuple(frozenset([d]) for d in range(ndim))))
   walker.walk(closed.jaxpr, in_maps)
-  ndims = {s: len(x.shape) for s, (_, x) in zip(strs, leaves)}
   out = {}
   for path, n in wanted.items():
-    ndim = ndims[path]
-    found = walker.roles[n]
-    if len(found) == ndim:
-      out[path] = "".join(found[d] for d in range(ndim))
+    shape = shapes[path]
+    found = {**{d: "s" for d in walker.indexed[n]}, **walker.roles[n]}
+    found = _fill_unit_axes(shape, found)
+    if len(found) == len(shape):
+      out[path] = "".join(found[d] for d in range(len(shape)))
+    elif why is not None:
+      why[path] = _reason(shape, found, walker.stopped[n])
   return out
+
+
+def _is_arraylike(x) -> bool:
+  return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _reason(shape, found: dict, stopped: str | None) -> str:
+  """Why the trace left a kernel's layout open, for the error message."""
+  open_axes = [d for d in range(len(shape)) if d not in found]
+  settled = ", ".join(f"axis {d}: {r!r}" for d, r in sorted(found.items())) or "none"
+  where = (f"the trace followed it to a `{stopped}` op, which has no layout rule"
+           if stopped else
+           "no matmul, conv or gather in the trace consumed those axes")
+  return (f"axes {open_axes} of shape {tuple(shape)} were not settled "
+          f"(settled: {settled}): {where}")

@@ -27,7 +27,7 @@ import numpy as np
 
 from lora_jax._src import layout, tree
 from lora_jax._src import quant_formats as fmt
-from lora_jax._src.config import _pattern_lookup, matcher
+from lora_jax._src.config import _pattern_lookup, compile_layouts, matcher
 from lora_jax._src.types import Params, Spec
 from lora_jax._src.weight import ROLES, FrozenKernel, _outside_lora
 
@@ -75,12 +75,13 @@ class QuantConfig:
         or self.block_size < 2 or self.block_size % 2):
       raise ValueError("QuantConfig.block_size must be an even int >= 2 (bitsandbytes "
                        f"uses 32..4096), got {self.block_size!r}")
-    matcher(self.targets, "targets")
-    matcher(self.exclude, "exclude")
+    # checked and compiled once; selects runs for every leaf
+    object.__setattr__(self, "_targets", matcher(self.targets, "targets"))
+    object.__setattr__(self, "_exclude", matcher(self.exclude, "exclude"))
+    object.__setattr__(self, "_layouts", compile_layouts(self.layouts, "QuantConfig"))
 
   def selects(self, path: str, leaf: Any) -> bool:
-    return (matcher(self.targets, "targets")(path, leaf)
-            and not matcher(self.exclude, "exclude")(path, leaf))
+    return self._targets(path, leaf) and not self._exclude(path, leaf)
 
 
 def _perm(roles: str):
@@ -265,7 +266,7 @@ def _divisor(n: int) -> int:
 
 
 def _roles(path: str, leaf, config: QuantConfig, inferred: dict) -> str:
-  roles = _pattern_lookup(config.layouts, path) or inferred.get(path)
+  roles = _pattern_lookup(config._layouts, path) or inferred.get(path)
   if roles is None and np.ndim(leaf) == 2:
     roles = "io"
   if roles is None and np.ndim(leaf) >= 2:

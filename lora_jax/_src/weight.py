@@ -183,7 +183,7 @@ def node_problems(path: str, x, need=("w", "a", "b", "value", "base")) -> list[s
   reported (``w=None``: an adapter alone; ``None`` elsewhere: a half of
   ``split``), then the factors' shapes.
   """
-  if not is_node(x):
+  if not isinstance(x, (LoraWeight, Trainable)):  # a plain leaf or a frozen kernel
     return []
   kind = "LoraWeight" if isinstance(x, LoraWeight) else "Trainable leaf"
   fields = ("w", "a", "b") if isinstance(x, LoraWeight) else ("value", "base")
