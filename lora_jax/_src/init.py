@@ -181,7 +181,8 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
       w_res, a, b = principal_factors(key_k, w, roles, rank, scale, config.init)
       if mask is not True:  # the layers outside layers_to_transform keep W, A = B = 0
         w_res = jnp.where(mask.reshape((-1,) + (1,) * (w.ndim - 1)), w_res, w)
-      w = jax.device_put(w_res, w.sharding) if isinstance(w, jax.Array) else w_res
+      concrete = isinstance(w, jax.Array) and not isinstance(w, jax.core.Tracer)
+      w = jax.device_put(w_res, w.sharding) if concrete else w_res  # keep w's placement
       a, b = a.astype(dtype), b.astype(dtype)
     else:
       a = _init_a(key_k, w.shape, roles, rank, config.init, dtype)
