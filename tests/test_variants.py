@@ -121,7 +121,8 @@ def test_bad_layers_to_transform(value, kind, message):
 
 def test_layers_to_transform_normalised_and_recorded():
   cfg = lj.LoraConfig(layers_to_transform=[3, 1, 3])
-  assert cfg.layers_to_transform == (1, 3) and lj.LoraConfig(layers_to_transform=2).layers_to_transform == (2,)
+  assert cfg.layers_to_transform == (1, 3)
+  assert lj.LoraConfig(layers_to_transform=2).layers_to_transform == (2,)
   assert cfg.to_dict()["layers_to_transform"] == [1, 3]
 
 

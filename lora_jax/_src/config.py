@@ -18,7 +18,7 @@ INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_K", "olora")
 
 
 def _init(value: Any) -> str:
-  if isinstance(value, str) and (value in INITS[:3] + ("olora",)
+  if isinstance(value, str) and (value in ("kaiming", "gaussian", "pissa", "olora")
                                  or re.fullmatch(r"pissa_niter_[1-9]\d*", value)):
     return value
   raise ValueError(f"LoraConfig.init must be one of {INITS} (K a positive int, e.g. "
@@ -221,8 +221,9 @@ class LoraConfig:
     layers_to_transform: PEFT's field of that name: an int or a list of layer
       indexes; only those layers get adapters. A stacked kernel (roles
       starting with ``s``) keeps one LoraWeight whose other layers hold
-      A = B = 0 (exact no-ops that gradients never move: both factors' grads
-      are zero there); another kernel is adapted only when its path has a
+      A = B = 0: exact no-ops whose gradients are exactly zero (dA = s·xᵀ(g·Bᵀ),
+      dB = s·(x·A)ᵀg), so optimizers whose update is zero at a zero gradient
+      and parameter (SGD, Adam(W), Lion, ...) keep them zero; another kernel is adapted only when its path has a
       layer index (the first ``/``-component ``N`` or ``name_N``, e.g.
       ``layers_3``) in the list.
 
