@@ -180,6 +180,8 @@ def test_layers_to_transform_selects_what_peft_selects(tmp_path, scan):
   want = _logits(cfg, lp)
 
   lj_peft.save_peft_adapter(tmp_path, lp, NAME_MAP)
+  written = json.loads((tmp_path / "adapter_config.json").read_text())
+  assert (written["target_modules"], written["layers_to_transform"]) == (sorted(PROJ), [1])
   pm = peft.PeftModel.from_pretrained(model, tmp_path).eval()
   ref = peft.get_peft_model(hf_model(), peft.LoraConfig(
       r=4, lora_alpha=8, target_modules=PROJ, layers_to_transform=[1]))

@@ -8,6 +8,7 @@ rank / alpha become the defaults and the rest go to ``rank_pattern`` /
 
 import collections
 import math
+import re
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -16,7 +17,7 @@ import numpy as np
 from lora_jax._src import tree
 from lora_jax._src.interop.convert import ConversionError
 from lora_jax._src.interop.names import LAYER, NameMap, as_target_map, leaf_layout, torch_keys
-from lora_jax._src.interop.peft_format import PREFIX, is_io, kernel_modules
+from lora_jax._src.interop.peft_format import PREFIX, is_io, is_targeted, kernel_modules
 from lora_jax._src.interop.tensors import leaf_to_torch, to_numpy
 from lora_jax._src.merge import base as _base
 from lora_jax._src.weight import LoraWeight, Trainable, is_node
@@ -62,6 +63,25 @@ def _target_modules(adapted: set[str], all_modules: set[str]) -> list[str]:
       continue
     out += [suffix] if covered == group else sorted(covered)
   return out
+
+
+def _by_layers(adapted: set[str], all_modules: set[str]) -> dict | None:
+  """``{target_modules, layers_to_transform}`` when module suffixes restricted
+  to some layer indexes (PEFT's rule, ``is_targeted``) select exactly
+  ``adapted`` and not every layer is adapted; else None (full names are used)."""
+  suffixes = sorted({m.rsplit(".", 1)[-1] for m in adapted})
+  layers = set()
+  for m in adapted:
+    found = re.match(r".*?\.[^.]*\.(\d+)\.", m)
+    if found is None:
+      return None
+    layers.add(int(found.group(1)))
+  config = {"target_modules": suffixes, "layers_to_transform": sorted(layers)}
+  if {m for m in all_modules if is_targeted(config, m)} != adapted:
+    return None
+  if {m for m in all_modules if is_targeted({"target_modules": suffixes}, m)} == adapted:
+    return None  # every layer: no layers_to_transform needed
+  return config
 
 
 def _zero_layer(lw: LoraWeight, layer: int) -> bool:
@@ -191,10 +211,12 @@ def pack_peft(params: Any, name_map: NameMap, *, use_rslora: bool = False,
       "base_model_name_or_path": base_model_name_or_path,
       "r": r, "lora_alpha": alpha, "use_rslora": bool(use_rslora),
       "target_modules": _target_modules(set(ranks), all_modules),
+      "layers_to_transform": None,
       "rank_pattern": _patterns(ranks, r), "alpha_pattern": _patterns(alphas, alpha),
       "lora_dropout": max(dropouts), "bias": "none",
       "fan_in_fan_out": all(conv1d.values()),  # GPT-2 Conv1D modules (rule layout)
       "modules_to_save": sorted(set(saved)) or None,
       "init_lora_weights": True, "inference_mode": True,
   }
+  config.update(_by_layers(set(ranks), all_modules) or {})
   return config, tensors
