@@ -22,9 +22,11 @@ def parse(argv=None):
   mode.add_argument("--tiny", action="store_const", dest="mode", const="tiny",
                     help="toy sizes (smoke test)")
   p.set_defaults(mode="full")
-  p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+  p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
+                 help="folder for the JSON, markdown table and PNG chart (default: bench/results)")
   p.add_argument("--rounds", type=int, default=None, help="timed steps per figure")
-  p.add_argument("--ranks", type=int, nargs="+", default=[8, 64])
+  p.add_argument("--ranks", type=int, nargs="+", default=[8, 64],
+                 help="LoRA ranks to measure (default: 8 64)")
   p.add_argument("--only", default=None, help="substring of the workload names to run")
   return p.parse_args(argv)
 

@@ -1,6 +1,11 @@
 """Interop hardening (issue 9): HF configs, layouts, fused weights, bad files, PEFT edges."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import flax.linen as nn
 import jax
@@ -18,6 +23,8 @@ from lora_jax.interop import ConversionError, Rule
 from lora_jax.interop import peft as lj_peft
 from lora_jax.models import (Llama, LlamaConfig, init_params, llama_name_map, load_hf_llama,
                              save_hf_llama)
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _randomize(model, seed=0):
@@ -496,3 +503,25 @@ def test_ignore_and_dry_run(tmp_path):
   lp = lj_peft.load_peft_adapter(tmp_path, params, llama_name_map(), ignore=ignore)
   assert not isinstance(lp["layers_0"]["self_attn"]["v_proj"]["kernel"], lj.LoraWeight)
   assert isinstance(lp["layers_0"]["self_attn"]["q_proj"]["kernel"], lj.LoraWeight)
+
+
+def test_missing_optional_package_names_the_extra(tmp_path):
+  # a subprocess in which safetensors and torch cannot be imported
+  code = textwrap.dedent(f"""
+      import sys
+      class Block:
+        def find_spec(self, name, path=None, target=None):
+          if name.split(".")[0] in ("safetensors", "torch"):
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+      sys.meta_path.insert(0, Block())
+      from lora_jax import interop
+      try:
+        interop.read_state_dict({str(tmp_path / 'model.safetensors')!r})
+      except ModuleNotFoundError as e:
+        print(e)
+      """)
+  (tmp_path / "model.safetensors").write_bytes(b"x")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+  assert "needs the safetensors package, which is not installed" in out.stdout, out.stderr
+  assert "lora_jax[torch]" in out.stdout

@@ -10,6 +10,8 @@ matmul, conv or gather that consumes it:
 * ``conv_general_dilated``: the kernel's input-feature and spatial axes are
   ``i``, its output-feature axis ``o``;
 * ``gather`` (embedding lookup): indexed axes are ``i``, the rest ``o``;
+* ``ragged_dot_general`` (MoE experts): the rhs group axis is ``s`` (one
+  adapter per expert), contracting axes ``i``, free axes ``o``;
 * an axis a ``scan`` slices (``nn.scan``, ``nnx.scan``, ``lax.scan`` over
   stacked layers) is ``s``.
 
@@ -147,6 +149,15 @@ class _Walker:
         for d, ax in enumerate(axes):
           role = "i" if d in contract else "s" if d in batch else "o"
           self.record(k, ax, role)
+      return none
+    if name == "ragged_dot_general" and maps[1] is not None:
+      k, axes = maps[1]  # grouped matmul (MoE experts): group axis = one stack
+      dn = params["ragged_dot_dimension_numbers"]
+      (_, contract), (_, batch) = dn.dot_dimension_numbers
+      for d, ax in enumerate(axes):
+        role = ("s" if d in dn.rhs_group_dimensions or d in batch
+                else "i" if d in contract else "o")
+        self.record(k, ax, role)
       return none
     if name == "conv_general_dilated" and maps[1] is not None:
       k, axes = maps[1]

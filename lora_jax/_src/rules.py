@@ -318,6 +318,45 @@ def _gather(ctx, eqn, invals):
   return [y + _rank_to(z, dn.offset_dims[kept.index(out_axis)], v).astype(y.dtype)]
 
 
+def _ragged_dot(ctx, eqn, invals):
+  """Grouped matmul over experts: ``x·W[g] + s·(x·A[g])·B[g]`` per row group.
+
+  The kernel is ``(E, in, out)`` in any axis order (group, contracting and
+  free axis of ``ragged_dot_general``'s rhs); its adapter is one ``(in, r)``
+  / ``(r, out)`` pair per expert. Both skinny products are ``ragged_dot``
+  calls with the same ``group_sizes``: each row meets only its own expert's factors,
+  and no ``(E, in, out)`` array is formed.
+  """
+  lhs, rhs, sizes = invals
+  p = eqn.params
+  dn = p["ragged_dot_dimension_numbers"]
+  (lc, rc), (lb, rb) = dn.dot_dimension_numbers
+  if (is_lazy(lhs) or is_lazy(sizes) or not is_lazy(rhs) or rhs.ndim != 3 or lhs.ndim != 2
+      or tuple(lc) != (1,) or lb or rb or tuple(dn.lhs_ragged_dimensions) != (0,)
+      or len(dn.rhs_group_dimensions) != 1 or p.get("group_offset") is not None):
+    return fallback(ctx, eqn, invals)
+  g, k = dn.rhs_group_dimensions[0], rc[0]
+  n = 3 - g - k
+  a_k = _factor_as(rhs.a, rhs.a_dims, (g, k, None))
+  b_k = _factor_as(rhs.b, rhs.b_dims, (g, None, n))
+  if a_k is None or b_k is None:
+    return fallback(ctx, eqn, invals)
+  y = bind(eqn, [lhs, lax.stop_gradient(rhs.w), sizes])[0]
+  prec, pref = p.get("precision"), p.get("preferred_element_type")
+  t = lax.ragged_dot(ctx.dropout(lhs, rhs.dropout), a_k, sizes, precision=prec,
+                     preferred_element_type=pref)
+  t = t * jnp.asarray(rhs.scale, t.dtype)
+  z = lax.ragged_dot(t, b_k, sizes, precision=prec, preferred_element_type=pref)
+  return [y + z.astype(y.dtype)]
+
+
+def _factor_as(x, dims, order):
+  """Factor ``x`` transposed so its axes stand for ``order`` (V axes / None), or None."""
+  if sorted(dims, key=str) != sorted(order, key=str):
+    return None
+  return jnp.transpose(x, [list(dims).index(d) for d in order])
+
+
 # ---------------------------------------------------- higher-order primitives
 
 def _inline(key):
@@ -420,6 +459,7 @@ RULES = {
     "dot_general": _dot_general,
     "conv_general_dilated": _conv,
     "gather": _gather,
+    "ragged_dot_general": _ragged_dot,
     "jit": _inline("jaxpr"), "pjit": _inline("jaxpr"),
     "closed_call": _inline("call_jaxpr"), "core_call": _inline("call_jaxpr"),
     "custom_jvp_call": _inline("call_jaxpr"),

@@ -23,6 +23,17 @@ from lora_jax.models.llama import load_hf_llama as load_hf_llama
 from lora_jax.models.llama import rotary as rotary
 from lora_jax.models.llama import save_hf_llama as save_hf_llama
 from lora_jax.models.llama import to_hf_state_dict as to_hf_state_dict
+from lora_jax.models.moe import Mixtral as Mixtral
+from lora_jax.models.moe import MixtralConfig as MixtralConfig
+from lora_jax.models.moe import MixtralExperts as MixtralExperts
+from lora_jax.models.moe import MixtralSparseMoe as MixtralSparseMoe
+from lora_jax.models.moe import grouped_linear as grouped_linear
+from lora_jax.models.moe import init_moe_params as init_moe_params
+from lora_jax.models.moe import route as route
+from lora_jax.models.moe import load_hf_mixtral as load_hf_mixtral
+from lora_jax.models.moe import mixtral_name_map as mixtral_name_map
+from lora_jax.models.moe import mixtral_rules as mixtral_rules
+from lora_jax.models.moe import to_hf_mixtral_state_dict as to_hf_mixtral_state_dict
 
 __all__ = (
     "Llama",
@@ -30,15 +41,26 @@ __all__ = (
     "LlamaBlock",
     "LlamaConfig",
     "LlamaMLP",
+    "Mixtral",
+    "MixtralConfig",
+    "MixtralExperts",
+    "MixtralSparseMoe",
     "generate",
     "generate_cached",
+    "grouped_linear",
     "init_cache",
+    "init_moe_params",
     "init_params",
     "llama_name_map",
     "llama_rules",
     "load_bnb_llama",
     "load_hf_llama",
+    "load_hf_mixtral",
+    "mixtral_name_map",
+    "mixtral_rules",
     "rotary",
+    "route",
     "save_hf_llama",
+    "to_hf_mixtral_state_dict",
     "to_hf_state_dict",
 )

@@ -5,6 +5,7 @@ key) and ``.bin``/``.pt`` only through ``torch.load(weights_only=True)``;
 writes safetensors with ``{"format": "pt"}`` metadata, optionally sharded.
 """
 
+import importlib
 import json
 import os
 import re
@@ -62,9 +63,22 @@ def _damaged(path: str, what: str, e: Exception) -> ValueError:
                     "download or write it again")
 
 
+def _require(module: str, what: str):
+  """Import an optional dependency, or say which extra installs it."""
+  try:
+    return importlib.import_module(module)
+  except ModuleNotFoundError as e:
+    top = module.split(".")[0]
+    raise ModuleNotFoundError(
+        f"{what} needs the {top} package, which is not installed. Install lora_jax's "
+        f"'torch' extra: pip install 'lora_jax[torch]' (for PyTorch's CPU build, first "
+        "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu)",
+        name=top) from e
+
+
 def _open_safetensors(path: str):
   """``safe_open(path)``, with errors that name the file."""
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  safe_open = _require("safetensors", f"reading {path}").safe_open
   if not os.path.isfile(path):
     raise FileNotFoundError(f"read_state_dict: {path} does not exist (or is not a file)")
   try:
@@ -97,7 +111,7 @@ def _weight_map(path: str) -> dict[str, str]:
 
 
 def _torch_load(path: str) -> dict[str, np.ndarray]:
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = _require("torch", f"reading {path}")
   try:
     sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
   except Exception as e:  # pylint: disable=broad-except
@@ -209,7 +223,7 @@ def write_state_dict(state_dict: Mapping[str, Any], path: str | os.PathLike, *,
     >>> sorted(os.path.basename(p) for p in write_state_dict(sd, d, max_shard_size=2048))
     ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', 'model.safetensors.index.json']
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  save_file = _require("safetensors.numpy", "write_state_dict").save_file
   meta = {**(metadata or {}), "format": "pt"}
   state = {k: np.ascontiguousarray(to_numpy(v)) for k, v in state_dict.items()}
   path = os.fspath(path)

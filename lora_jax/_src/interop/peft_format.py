@@ -25,7 +25,6 @@ _REFUSED = {
     "use_dora": (bool, "DoRA (weight-decomposed LoRA) is not supported"),
     "lora_bias": (bool, "LoRA biases on lora_B are not supported"),
     "layer_replication": (bool, "layer replication is not supported"),
-    "target_parameters": (bool, "LoRA on nn.Parameter targets is not supported"),
     "trainable_token_indices": (bool, "trainable tokens are not supported"),
     "use_qalora": (bool, "QALoRA is not supported"),
     "alora_invocation_tokens": (bool, "activated LoRA (aLoRA) is not supported"),

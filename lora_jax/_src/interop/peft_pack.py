@@ -18,6 +18,8 @@ from lora_jax._src import tree
 from lora_jax._src.interop.convert import ConversionError
 from lora_jax._src.interop.names import LAYER, NameMap, as_target_map, leaf_layout, torch_keys
 from lora_jax._src.interop.peft_format import PREFIX, is_io, is_targeted, kernel_modules
+from lora_jax._src.interop.peft_params import (EXPERT_ROLES, adapter_keys, factors_to_peft,
+                                               param_leaves)
 from lora_jax._src.interop.tensors import leaf_to_torch, to_numpy
 from lora_jax._src.merge import base as _base
 from lora_jax._src.weight import LoraWeight, Trainable, is_node
@@ -146,6 +148,7 @@ def pack_peft(params: Any, name_map: NameMap, *, use_rslora: bool = False,
   all_modules = set(kernel_modules(base, name_map))
   tensors: dict[str, np.ndarray] = {}
   ranks, alphas, dropouts, saved, problems, conv1d = {}, {}, [], [], [], {}
+  expert_params, adapted_params = param_leaves(base, name_map), []
   for path, x in tree.flatten(params, is_leaf=is_node)[0]:
     if not is_node(x):
       continue
@@ -170,6 +173,24 @@ def pack_peft(params: Any, name_map: NameMap, *, use_rslora: bool = False,
         except ValueError as e:
           problems.append(f"{path} -> {k}: {e}")
         saved.append(k.rsplit(".", 1)[0])
+      continue
+    if key in expert_params and isinstance(x, LoraWeight):
+      if x.roles not in EXPERT_ROLES:
+        problems.append(f"{path}: roles {x.roles!r}; PEFT adapts a 3-D parameter {key!r} "
+                        "as (experts, out, in) or [experts, in, out], i.e. roles 'soi' "
+                        "or 'sio'")
+        continue
+      if x.dropout:
+        problems.append(f"{path}: dropout {x.dropout}; PEFT's ParamWrapper (target_parameters) "
+                        "refuses lora_dropout != 0: set the LoraWeight's dropout to 0.0")
+        continue
+      lora_a, lora_b = factors_to_peft(to_numpy(x.a), to_numpy(x.b))
+      adapted_params.append(key)
+      tensors[f"{PREFIX}{key}.lora_A.weight"] = np.ascontiguousarray(lora_a)
+      tensors[f"{PREFIX}{key}.lora_B.weight"] = np.ascontiguousarray(lora_b)
+      ranks[key] = x.rank
+      alphas[key] = _number(x.scale * (math.sqrt(x.rank) if use_rslora else x.rank))
+      dropouts.append(float(x.dropout))
       continue
     if not key.endswith(".weight"):
       problems.append(f"{path}: torch key {key!r} is not a module's .weight")
@@ -196,6 +217,11 @@ def pack_peft(params: Any, name_map: NameMap, *, use_rslora: bool = False,
       conv1d[module] = layout == "conv1d"
       alphas[module] = _number(x.scale * (math.sqrt(x.rank) if use_rslora else x.rank))
       dropouts.append(float(x.dropout))
+  # target_parameters: nested ParamWrapper keys (see peft_params)
+  for key, module in adapter_keys(adapted_params).items():
+    for kind in "AB":
+      tensors[f"{PREFIX}{module}.lora_{kind}.weight"] = tensors.pop(
+          f"{PREFIX}{key}.lora_{kind}.weight")
   if problems:
     raise ConversionError("save_peft_adapter", other=problems)
   if not ranks:
@@ -212,11 +238,14 @@ def pack_peft(params: Any, name_map: NameMap, *, use_rslora: bool = False,
       "r": r, "lora_alpha": alpha, "use_rslora": bool(use_rslora),
       "target_modules": _target_modules(set(ranks), all_modules),
       "layers_to_transform": None,
+      **({"target_parameters": _target_modules(set(adapted_params), set(expert_params))}
+         if adapted_params else {}),
       "rank_pattern": _patterns(ranks, r), "alpha_pattern": _patterns(alphas, alpha),
       "lora_dropout": max(dropouts), "bias": "none",
       "fan_in_fan_out": all(conv1d.values()),  # GPT-2 Conv1D modules (rule layout)
       "modules_to_save": sorted(set(saved)) or None,
       "init_lora_weights": True, "inference_mode": True,
   }
-  config.update(_by_layers(set(ranks), all_modules) or {})
+  if not adapted_params:  # (PEFT's layers_to_transform for target_parameters: untested)
+    config.update(_by_layers(set(ranks), all_modules) or {})
   return config, tensors

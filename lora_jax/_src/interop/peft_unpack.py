@@ -20,6 +20,7 @@ from lora_jax._src import layout, tree
 from lora_jax._src.interop.convert import ConversionError
 from lora_jax._src.interop.names import (LAYER, NameMap, as_target_map, fused_keys, leaf_layout,
                                          torch_index)
+from lora_jax._src.interop.peft_params import param_leaves, unpack_params
 from lora_jax._src.interop.peft_format import (PREFIX, REDONE_INITS, check_config, is_io,
                                                is_targeted, kernel_modules, pattern_value,
                                                validate_config)
@@ -232,7 +233,8 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
       ``lora_jax.interop.torch``).
     trace: optional ``lambda p: model.apply(p, x)``; only needed when a 3+-D
       kernel's shape splits into PEFT's ``(in, out)`` in several ways (size-1
-      axes).
+      axes), and for ``target_parameters`` expert tensors stored
+      ``[E, in, out]`` (roles ``"sio"``; HF's ``(E, out, in)`` is the default).
     dtype: dtype of the factors; the kernel's by default.
     ignore: regexes; a tensor whose key (with or without ``base_model.model.``)
       or torch module name ``re.fullmatch``-es one is skipped knowingly, and a
@@ -271,7 +273,16 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
   target_of = as_target_map(name_map)
   skip = [re.compile(p) for p in ignore]
   skipped = [k for k in tensors if _ignored(k, skip)]
-  groups, embedding, other = _parse_keys({k: None for k in tensors if k not in skipped})
+  param_roles = dict(known_roles)
+  if trace is not None and config.get("target_parameters"):
+    traced = layout.infer_roles(trace, base, sorted(param_leaves(base, name_map).values()))
+    param_roles = {**traced, **known_roles}
+  by_param, consumed, param_problems, param_missing = unpack_params(
+      config, {k: v for k, v in tensors.items() if k not in skipped}, base, name_map,
+      param_roles, dtype, PREFIX)
+  param_missing = [(p, m) for p, m in param_missing if not _ignored(m.split(" ")[0], skip)]
+  groups, embedding, other = _parse_keys({k: None for k in tensors
+                                          if k not in skipped and k not in consumed})
   rslora = bool(config.get("use_rslora", False))
   r0, alpha0 = int(config.get("r", 8)), config.get("lora_alpha", 8)
   unexpected, missing, mismatched, problems = [], [], [], []
@@ -321,7 +332,8 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
     if module not in groups and is_targeted(config, module) and not _ignored(module, skip):
       missing.append((path, f"{module}.lora_A / lora_B (targeted by target_modules)"))
 
-  problems += _fan_in_fan_out_problem(config, per_path, target_of)
+  problems += _fan_in_fan_out_problem(config, per_path, target_of) + param_problems
+  missing += param_missing
   inferred = {}
   if trace is not None:
     inferred = layout.infer_roles(trace, base, sorted(per_path))
@@ -378,6 +390,7 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
     out[path] = LoraWeight(w, jnp.asarray(a, fdtype), jnp.asarray(b, fdtype), scale=scale,
                            roles=full_roles, dropout=float(config.get("lora_dropout", 0.0)))
 
+  out.update(by_param)  # target_parameters (MoE experts), see peft_params
   for path, layers in trained.items():
     w = by_path[path]
     stacked = next(iter(layers)) is not None
@@ -386,12 +399,12 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
       missing.append((path, f"modules_to_save tensors for layers "
                             f"{sorted(set(range(n)) - set(layers))}"))
       continue
-    layout = leaf_layout(path, target_of(path).layout)
+    torch_layout = leaf_layout(path, target_of(path).layout)  # not `layout`: the module
     shape = tuple(w.shape[1:] if stacked else w.shape)
     vals = []
     for layer in (range(n) if stacked else [None]):
       x = to_numpy(tensors[layers[layer]])
-      v = leaf_from_torch(x, shape, layout)
+      v = leaf_from_torch(x, shape, torch_layout)
       if v is None:
         mismatched.append((path, layers[layer], f"torch {x.shape} does not convert to {shape}"))
         break
@@ -401,9 +414,16 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
       out[path] = Trainable(jnp.asarray(value, w.dtype), w)
 
   problems += [f"{p} <- {m}: {why}" for p, m, why in mismatched]
+  init = config.get("init_lora_weights", True)
+  if init in REDONE_INITS and by_param:
+    problems.append(f"init_lora_weights={init!r} with target_parameters "
+                    f"{sorted(by_param)}: redoing {init} on 3-D expert parameters is not "
+                    "supported; convert the adapter in PEFT first")
   if dry_run:
+    sources = {p: ", ".join(sorted(m.values())) for p, m in per_path.items()}
+    sources.update({p: k for k, p in param_leaves(base, name_map).items() if p in by_param})
     return PeftLoadReport(
-        loaded=[f"{p} <- {', '.join(sorted(per_path[p].values()))} (rank {x.rank}, "
+        loaded=[f"{p} <- {sources[p]} (rank {x.rank}, "
                 f"scale {x.scale:g})" for p, x in out.items() if isinstance(x, LoraWeight)],
         trained=[f"{p} <- {', '.join(sorted(trained[p].values()))}"
                  for p, x in out.items() if isinstance(x, Trainable)],
