@@ -16,6 +16,7 @@ from lora_jax._src.checkpoint import save_adapter as save_adapter
 from lora_jax._src.combine import combine_adapters as combine_adapters
 from lora_jax._src.config import LoraConfig as LoraConfig
 from lora_jax._src.init import lora_init as lora_init
+from lora_jax._src.inits import to_lora as to_lora
 from lora_jax._src.merge import adapter as adapter
 from lora_jax._src.merge import attach as attach
 from lora_jax._src.merge import base as base
@@ -77,6 +78,7 @@ __all__ = (
     "split",
     "stack_adapters",
     "summary",
+    "to_lora",
     "unmerge",
     "unstack_adapters",
 )

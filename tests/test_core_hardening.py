@@ -56,7 +56,8 @@ def _unchecked(w, a, b, roles="io"):
     (dict(dropout=math.nan), ValueError, r"LoraConfig.dropout must be in \[0, 1\), got nan"),
     (dict(dropout=-0.1), ValueError, r"dropout must be in \[0, 1\), got -0.1"),
     (dict(dropout="0.1"), TypeError, r"LoraConfig.dropout must be a real number, got str"),
-    (dict(init=None), ValueError, r"LoraConfig.init must be one of \('kaiming', 'gaussian'\), got None"),
+    (dict(init=None), ValueError, r"LoraConfig.init must be one of \('kaiming', 'gaussian', "
+                                  r"'pissa', 'pissa_niter_K', 'olora'\) .*, got None"),
     (dict(rslora="yes"), TypeError, r"LoraConfig.rslora must be True or False, got str 'yes'"),
     (dict(rslora=1), TypeError, r"LoraConfig.rslora must be True or False, got int 1"),
     (dict(dtype="int8"), ValueError, r"LoraConfig.dtype must be a floating dtype such as "

@@ -14,7 +14,43 @@ from lora_jax._src.types import Spec
 from lora_jax._src.weight import ROLES
 
 ALL_LINEAR = "all-linear"
-INITS = ("kaiming", "gaussian")
+INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_K", "olora")
+
+
+def _init(value: Any) -> str:
+  if isinstance(value, str) and (value in ("kaiming", "gaussian", "pissa", "olora")
+                                 or re.fullmatch(r"pissa_niter_[1-9]\d*", value)):
+    return value
+  raise ValueError(f"LoraConfig.init must be one of {INITS} (K a positive int, e.g. "
+                   f"'pissa_niter_4'), got {value!r}")
+
+
+def _layers(value: Any) -> tuple[int, ...] | None:
+  """``layers_to_transform``: None, an int or a sequence of ints >= 0."""
+  if value is None:
+    return None
+  items = [value] if isinstance(value, numbers.Integral) else value
+  if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+    raise TypeError(f"LoraConfig.layers_to_transform must be an int or a list of ints "
+                    f"(layer indexes, as PEFT's), got {type(value).__name__} {value!r}")
+  items = list(items)
+  for k in items:
+    _static("layers_to_transform", k, (numbers.Integral,))
+    if k < 0:
+      raise ValueError(f"LoraConfig.layers_to_transform: layer indexes are >= 0, got {k}")
+  if not items:
+    raise ValueError("LoraConfig.layers_to_transform is empty: it would adapt no layer "
+                     "(use None for every layer)")
+  return tuple(sorted({int(k) for k in items}))
+
+
+_LAYER_INDEX = re.compile(r"(?:^|/)(?:[^/]*_)?(\d+)(?:/|$)")
+
+
+def layer_index(path: str) -> int | None:
+  """The layer index in a path: the first component that is ``N`` or ``name_N``."""
+  m = _LAYER_INDEX.search(path)
+  return None if m is None else int(m.group(1))
 
 
 def _static(name: str, value: Any, kinds: tuple) -> None:
@@ -167,7 +203,14 @@ class LoraConfig:
     rslora: scale by ``alpha / sqrt(rank)``.
     init: ``"kaiming"`` (PEFT's default: A ~ U(-1/sqrt(in), 1/sqrt(in)), i.e.
       kaiming-uniform with a = sqrt(5)) or ``"gaussian"`` (A ~ N(0, (1/r)^2),
-      PEFT's ``init_lora_weights="gaussian"``). B is always zero.
+      PEFT's ``init_lora_weights="gaussian"``): B is zero and the model's
+      output unchanged. ``"pissa"`` (top-r SVD of W: A = U_r sqrt(S_r/s),
+      B = sqrt(S_r/s) Vh_r), ``"pissa_niter_K"`` (the same by randomized SVD
+      with K power iterations) and ``"olora"`` (QR of W) start A, B non-zero
+      and replace the kernel by ``W - s·A@B`` (PEFT's inits of the same
+      names): keep ``lj.adapter(params)`` from right after ``lora_init`` to
+      convert the trained adapter to plain LoRA on the original base with
+      ``lj.to_lora``.
     dtype: the factors' dtype; defaults to the kernel's.
     trainable: leaves trained in full (PEFT's modules_to_save), same forms as
       ``targets``.
@@ -175,6 +218,14 @@ class LoraConfig:
       ``"sio"``, ``"ioo"``, ``"iiio"``, ...: s = stacked layer axis, i = input,
       o = output). Without it, 2-D kernels are ``"io"`` and other kernels need
       it or ``lora_init(..., trace=fn)``.
+    layers_to_transform: PEFT's field of that name: an int or a list of layer
+      indexes; only those layers get adapters. A stacked kernel (roles
+      starting with ``s``) keeps one LoraWeight whose other layers hold
+      A = B = 0: exact no-ops whose gradients are exactly zero (dA = s·xᵀ(g·Bᵀ),
+      dB = s·(x·A)ᵀg), so optimizers whose update is zero at a zero gradient
+      and parameter (SGD, Adam(W), Lion, ...) keep them zero; another kernel is adapted only when its path has a
+      layer index (the first ``/``-component ``N`` or ``name_N``, e.g.
+      ``layers_3``) in the list.
 
   Every field is checked at construction: a wrong type, a value out of range
   (``alpha`` must be finite and > 0, ``dropout`` in [0, 1)) or a bad regex
@@ -199,6 +250,7 @@ class LoraConfig:
   dtype: Any = None
   trainable: Spec = None
   layouts: Mapping[str, str] | None = None
+  layers_to_transform: int | tuple[int, ...] | None = None
 
   def __post_init__(self):
     # every field checked once, here (each error names the field); the regex
@@ -215,8 +267,8 @@ class LoraConfig:
     if not isinstance(self.rslora, bool):
       raise TypeError(f"LoraConfig.rslora must be True or False, got "
                       f"{type(self.rslora).__name__} {self.rslora!r}")
-    if not isinstance(self.init, str) or self.init not in INITS:
-      raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
+    fix("init", _init(self.init))
+    fix("layers_to_transform", _layers(self.layers_to_transform))
     _float_dtype(self.dtype)
     checks = {"rank_pattern": _positive_int, "alpha_pattern": _positive_real,
               "layouts": _roles}

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src import layout, quant_sharding, sharding, tree
-from lora_jax._src.config import LoraConfig
+from lora_jax._src.config import LoraConfig, layer_index
+from lora_jax._src.inits import is_base_changing, principal_factors
 from lora_jax._src.quant import abstract_quantized, is_quantized
 from lora_jax._src.types import Params
 from lora_jax._src.weight import LoraWeight, Trainable, factor_shapes, is_node, max_rank
@@ -22,6 +23,22 @@ def _init_a(key, shape, roles: str, rank: int, init: str, dtype):
   else:  # PEFT's "gaussian": std 1/r
     a = jax.random.normal(key, a_shape, jnp.float32) / rank
   return a.astype(dtype)
+
+
+def _layer_mask(path: str, w, roles: str, layers):
+  """``True`` (every layer), ``False`` (skip the kernel) or a 0/1 mask over the
+  first stacked axis, for ``LoraConfig.layers_to_transform``."""
+  if layers is None:
+    return True
+  if roles.startswith("s"):
+    if max(layers) >= w.shape[0]:
+      raise ValueError(
+          f"lora_init: layers_to_transform={list(layers)} but {path} stacks "
+          f"{w.shape[0]} layers (shape {tuple(w.shape)}, roles {roles!r}); indexes "
+          f"must be < {w.shape[0]}")
+    return jnp.asarray(np.isin(np.arange(w.shape[0]), layers))
+  index = layer_index(path)
+  return index is not None and index in layers
 
 
 def _roles(path: str, leaf, config: LoraConfig, inferred: dict,
@@ -80,6 +97,13 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
   as ``var``, run one by one). Leaves selected by ``config.trainable``
   become ``Trainable(value, base)``.
 
+  With ``init="pissa"`` / ``"pissa_niter_K"`` / ``"olora"`` ``a`` and ``b``
+  start at the kernel's principal part and ``w`` becomes ``W - s·a@b`` (the
+  output is then equal to float32 rounding, not bit for bit); keep
+  ``lj.adapter(params)`` from right here to convert later (``lj.to_lora``).
+  With ``config.layers_to_transform`` only those layers are adapted: other
+  kernels stay plain, and a stacked kernel's other layers hold ``a = b = 0``.
+
   Args:
     key: a PRNG key for the ``a`` factors.
     params: any pytree of arrays: a Flax Linen params dict, an NNX ``State``,
@@ -132,9 +156,14 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
 
   out = [x for _, x in leaves]
   keys = jax.random.split(key, len(targets))
+  adapted = 0
   for key_k, k in zip(keys, targets):
     path, w = leaves[k]
     roles = _roles(path, w, config, inferred, why)
+    mask = _layer_mask(path, w, roles, config.layers_to_transform)
+    if mask is False:
+      continue
+    adapted += 1
     rank = config.rank_for(path)
     if rank > max_rank(w.shape, roles):
       raise ValueError(
@@ -142,12 +171,34 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
           f"shape {tuple(w.shape)} with roles {roles!r} has rank at most "
           f"{max_rank(w.shape, roles)}")
     dtype = config.dtype or w.dtype
-    a = _init_a(key_k, w.shape, roles, rank, config.init, dtype)
-    b = jnp.zeros(factor_shapes(w.shape, roles, rank)[1], dtype)
+    scale = config.scale_for(path)
+    if is_base_changing(config.init):
+      if is_quantized(w):
+        raise ValueError(
+            f"lora_init: init={config.init!r} rewrites {path} as W - s·A@B, but it is "
+            "quantized; initialize PiSSA / OLoRA on the float kernels, then quantize "
+            "the residual base (as PEFT advises)")
+      w_res, a, b = principal_factors(key_k, w, roles, rank, scale, config.init)
+      if mask is not True:  # the layers outside layers_to_transform keep W, A = B = 0
+        w_res = jnp.where(mask.reshape((-1,) + (1,) * (w.ndim - 1)), w_res, w)
+      concrete = isinstance(w, jax.Array) and not isinstance(w, jax.core.Tracer)
+      w = jax.device_put(w_res, w.sharding) if concrete else w_res  # keep w's placement
+      a, b = a.astype(dtype), b.astype(dtype)
+    else:
+      a = _init_a(key_k, w.shape, roles, rank, config.init, dtype)
+      b = jnp.zeros(factor_shapes(w.shape, roles, rank)[1], dtype)
+    if mask is not True:
+      a = a * mask.reshape((-1,) + (1,) * (a.ndim - 1)).astype(dtype)
+      b = b * mask.reshape((-1,) + (1,) * (b.ndim - 1)).astype(dtype)
     place = quant_sharding.place_factors if is_quantized(w) else sharding.place_factors
     a, b = place(w, a, b, roles)
-    out[k] = LoraWeight(w, a, b, scale=config.scale_for(path), roles=roles,
-                        dropout=float(config.dropout))
+    out[k] = LoraWeight(w, a, b, scale=scale, roles=roles, dropout=float(config.dropout))
+  if not adapted:
+    raise ValueError(
+        f"lora_init: layers_to_transform={list(config.layers_to_transform)} left no "
+        f"target: none of the {len(targets)} selected kernels is stacked (roles "
+        "starting with 's') or has a layer index in its path ('N' or 'name_N') in "
+        f"that list; selected: {[paths[k] for k in targets][:6]}")
   for k in trained:
     out[k] = Trainable(out[k], out[k])
   return jax.tree_util.tree_unflatten(treedef, out)

@@ -1,5 +1,8 @@
 """Train only the adapters: labels, optimizer, split / combine."""
 
+import math
+import numbers
+
 import jax
 import optax
 
@@ -34,12 +37,44 @@ def labels(params: Params) -> Params:
   return jax.tree.map(label, params, is_leaf=is_node)
 
 
-def optimizer(tx: optax.GradientTransformation, params: Params) -> optax.GradientTransformation:
+def _b_factors(params: Params) -> Params:
+  """True at every LoraWeight's ``b``, False elsewhere (LoRA+'s mask)."""
+  def mark(x):
+    if isinstance(x, LoraWeight):
+      return LoraWeight.tree_unflatten((x.scale, x.roles, x.dropout), (False, False, True))
+    if isinstance(x, Trainable):
+      return Trainable(False, False)
+    return False
+  return jax.tree.map(mark, params, is_leaf=is_node)
+
+
+def _ratio(value) -> float:
+  if isinstance(value, jax.core.Tracer) or isinstance(value, bool) or not isinstance(
+      value, numbers.Real) or not math.isfinite(value) or value <= 0:
+    raise ValueError(f"optimizer: b_lr_ratio must be a static finite number > 0 (LoRA+: "
+                     f"B's learning rate / A's, e.g. 16), got {value!r}")
+  return float(value)
+
+
+def optimizer(tx: optax.GradientTransformation, params: Params, *,
+              b_lr_ratio: float | None = None) -> optax.GradientTransformation:
   """``tx`` for the trainable leaves; ``set_to_zero`` (no state) for the rest.
+
+  With ``b_lr_ratio`` (LoRA+, Hayou et al. 2024), every ``b`` factor's
+  learning rate is ``b_lr_ratio`` times ``a``'s: ``tx`` runs once over all
+  trainable leaves (so global-norm clipping and schedules see them all, as
+  one torch optimizer does) and ``b``'s final updates are multiplied by the
+  ratio (``optax.masked(optax.scale(ratio), ...)`` after ``tx``). For Adam
+  and AdamW that is exactly a learning rate ``ratio·lr`` for B (scaling the
+  gradient would cancel in Adam's normalisation), i.e. PEFT's
+  ``create_loraplus_optimizer(loraplus_lr_ratio=ratio)`` param groups. Unlike
+  PEFT, leaves trained in full (``Trainable``, 1-D or not) keep ``lr`` and
+  adapters on embeddings get no special rate.
 
   Args:
     tx: any optax transformation, e.g. ``optax.adamw(1e-3)``.
     params: the params from ``lora_init`` (only their structure is read).
+    b_lr_ratio: optional LoRA+ ratio η_B / η_A (PEFT's ``loraplus_lr_ratio``).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, lora_jax as lj
@@ -49,13 +84,17 @@ def optimizer(tx: optax.GradientTransformation, params: Params) -> optax.Gradien
     >>> state = tx.init(p)
     >>> sum(x.size for x in jax.tree.leaves(state)) - 1   # mu and nu of A, B (minus the count)
     14
+    >>> plus = lj.optimizer(optax.adam(1e-3), p, b_lr_ratio=16)   # LoRA+
   """
   if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
     raise TypeError(f"optimizer: tx must be an optax GradientTransformation such as "
                     f"optax.adamw(1e-3), got {describe(tx)} (the call is "
                     "lj.optimizer(tx, params))")
   _require_nodes("optimizer", params)  # labels come from what optax hands over
-  return optax.multi_transform({TRAINABLE: tx, FROZEN: _frozen()}, labels)
+  out = optax.multi_transform({TRAINABLE: tx, FROZEN: _frozen()}, labels)
+  if b_lr_ratio is None:
+    return out
+  return optax.chain(out, optax.masked(optax.scale(_ratio(b_lr_ratio)), _b_factors))
 
 
 def _frozen() -> optax.GradientTransformation:

@@ -36,6 +36,15 @@ also writes ``{module}.base_layer.weight``: accepted when equal to the base
 params. ``load_peft_adapter(..., ignore=[regex], dry_run=True)`` skips keys
 or modules knowingly and reports what would load.
 
+PiSSA / OLoRA: an adapter PEFT saved with ``init_lora_weights="pissa"`` or
+``"olora"`` loads as PEFT's ``from_pretrained`` loads it (the init is redone
+on the base, which becomes ``W - s·A0@B0``; ``"pissa_niter_K"`` is random and
+refused); ``save_peft_adapter(..., initial=lj.adapter(params_at_init))``
+writes a lora_jax PiSSA / OLoRA adapter as plain LoRA of rank 2r on the
+original base (PEFT's ``path_initial_model_for_weight_conversion``). Stacked
+layers outside ``layers_to_transform`` (A = B = 0) are not written, and the
+config says ``layers_to_transform`` when that is how PEFT would select them.
+
 The conversion is a pair of pure functions, ``unpack_peft`` /
 ``pack_peft``, over ``(config dict, {key: array})``; ``load_peft_adapter`` /
 ``save_peft_adapter`` add the file I/O. Unlike PEFT, unknown, missing and

@@ -9,6 +9,7 @@ import json
 import os
 from typing import Any, Callable, Mapping, Sequence
 
+from lora_jax._src.inits import to_lora
 from lora_jax._src.interop.files import read_json, read_state_dict, write_state_dict
 from lora_jax._src.interop.peft_format import validate_config
 from lora_jax._src.interop.names import NameMap
@@ -107,8 +108,15 @@ def load_peft_adapter(adapter_dir: str | os.PathLike, params: Any, name_map: Nam
 def save_peft_adapter(adapter_dir: str | os.PathLike, params: Any, name_map: NameMap,
                       base_model_name_or_path: str | None = None, *,
                       use_rslora: bool = False, task_type: str | None = None,
-                      shapes: Mapping[str, Sequence[int]] | None = None) -> list[str]:
+                      shapes: Mapping[str, Sequence[int]] | None = None,
+                      initial: Any = None) -> list[str]:
   """Write params' adapters as a PEFT adapter (``PeftModel.from_pretrained`` loads it).
+
+  For a PiSSA / OLoRA adapter (``LoraConfig(init="pissa")``, whose base
+  kernels became ``W - s·A0@B0``) pass ``initial=lj.adapter(params)`` taken
+  right after ``lora_init``: the adapter is written as plain LoRA of rank 2r
+  for the *original* base (``lj.to_lora``; PEFT's
+  ``path_initial_model_for_weight_conversion``).
 
   Writes ``adapter_config.json`` (explicit ``target_modules``; ``r``,
   ``lora_alpha`` and, where modules differ, ``rank_pattern`` /
@@ -127,6 +135,8 @@ def save_peft_adapter(adapter_dir: str | os.PathLike, params: Any, name_map: Nam
     >>> [os.path.basename(f) for f in peft.save_peft_adapter(d, p, [(r"fc/kernel", "fc.weight")])]
     ['adapter_config.json', 'adapter_model.safetensors']
   """
+  if initial is not None:
+    params = to_lora(params, initial)
   config, tensors = pack_peft(params, name_map, use_rslora=use_rslora, task_type=task_type,
                               base_model_name_or_path=base_model_name_or_path, shapes=shapes)
   adapter_dir = os.fspath(adapter_dir)

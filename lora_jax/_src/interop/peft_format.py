@@ -37,6 +37,9 @@ _REFUSED = {
 }
 # init_lora_weights values whose adapters assume a modified base model.
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# those that PEFT's from_pretrained redoes deterministically on the base
+# (exact SVD, QR) and load_peft_adapter redoes too: W -> W - s·A0@B0.
+REDONE_INITS = ("pissa", "olora")
 
 
 def pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
@@ -210,11 +213,13 @@ def check_config(config: Mapping[str, Any]) -> None:
     problems.append(f"bias={config['bias']!r}: only bias='none' is supported "
                     "(train biases with LoraConfig(trainable=...) instead)")
   init = config.get("init_lora_weights", True)
-  if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+  if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS) and (
+      init not in REDONE_INITS):
     problems.append(
         f"init_lora_weights={init!r}: this adapter assumes a modified base model; "
         "convert it in PEFT with save_pretrained(..., "
-        "path_initial_model_for_weight_conversion=...) first")
+        "path_initial_model_for_weight_conversion=...) first (lora_jax redoes "
+        f"only the deterministic {' and '.join(REDONE_INITS)} on loading)")
   if problems:
     raise ValueError("PEFT adapter uses features lora_jax does not support:\n  "
                      + "\n  ".join(problems))

@@ -8,6 +8,7 @@ rank / alpha become the defaults and the rest go to ``rank_pattern`` /
 
 import collections
 import math
+import re
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -16,7 +17,7 @@ import numpy as np
 from lora_jax._src import tree
 from lora_jax._src.interop.convert import ConversionError
 from lora_jax._src.interop.names import LAYER, NameMap, as_target_map, leaf_layout, torch_keys
-from lora_jax._src.interop.peft_format import PREFIX, is_io, kernel_modules
+from lora_jax._src.interop.peft_format import PREFIX, is_io, is_targeted, kernel_modules
 from lora_jax._src.interop.peft_params import (EXPERT_ROLES, adapter_keys, factors_to_peft,
                                                param_leaves)
 from lora_jax._src.interop.tensors import leaf_to_torch, to_numpy
@@ -64,6 +65,30 @@ def _target_modules(adapted: set[str], all_modules: set[str]) -> list[str]:
       continue
     out += [suffix] if covered == group else sorted(covered)
   return out
+
+
+def _by_layers(adapted: set[str], all_modules: set[str]) -> dict | None:
+  """``{target_modules, layers_to_transform}`` when module suffixes restricted
+  to some layer indexes (PEFT's rule, ``is_targeted``) select exactly
+  ``adapted`` and not every layer is adapted; else None (full names are used)."""
+  suffixes = sorted({m.rsplit(".", 1)[-1] for m in adapted})
+  layers = set()
+  for m in adapted:
+    found = re.match(r".*?\.[^.]*\.(\d+)\.", m)
+    if found is None:
+      return None
+    layers.add(int(found.group(1)))
+  config = {"target_modules": suffixes, "layers_to_transform": sorted(layers)}
+  if {m for m in all_modules if is_targeted(config, m)} != adapted:
+    return None
+  if {m for m in all_modules if is_targeted({"target_modules": suffixes}, m)} == adapted:
+    return None  # every layer: no layers_to_transform needed
+  return config
+
+
+def _zero_layer(lw: LoraWeight, layer: int) -> bool:
+  """Layer ``layer`` of a stacked adapter has A = B = 0 (an exact no-op)."""
+  return not (np.any(to_numpy(lw.a[layer])) or np.any(to_numpy(lw.b[layer])))
 
 
 def _to_peft(lw: LoraWeight, layer: int | None, module: str,
@@ -178,6 +203,8 @@ def pack_peft(params: Any, name_map: NameMap, *, use_rslora: bool = False,
     is_embedding = path.rsplit("/", 1)[-1] == "embedding"
     for layer, k in zip(layers, torch_keys(key, shape)):
       module = k[:-len(".weight")]
+      if layer is not None and _zero_layer(x, layer):
+        continue  # outside layers_to_transform: no adapter there (PEFT's selection)
       torch_shape = shapes.get(k)
       if (torch_shape is None and roles.count("i") > 1 and roles.count("o") == 1
           and not is_embedding and layout != "conv1d"):
@@ -210,6 +237,7 @@ def pack_peft(params: Any, name_map: NameMap, *, use_rslora: bool = False,
       "base_model_name_or_path": base_model_name_or_path,
       "r": r, "lora_alpha": alpha, "use_rslora": bool(use_rslora),
       "target_modules": _target_modules(set(ranks), all_modules),
+      "layers_to_transform": None,
       **({"target_parameters": _target_modules(set(adapted_params), set(expert_params))}
          if adapted_params else {}),
       "rank_pattern": _patterns(ranks, r), "alpha_pattern": _patterns(alphas, alpha),
@@ -218,4 +246,6 @@ def pack_peft(params: Any, name_map: NameMap, *, use_rslora: bool = False,
       "modules_to_save": sorted(set(saved)) or None,
       "init_lora_weights": True, "inference_mode": True,
   }
+  if not adapted_params:  # (PEFT's layers_to_transform for target_parameters: untested)
+    config.update(_by_layers(set(ranks), all_modules) or {})
   return config, tensors

@@ -21,10 +21,13 @@ from lora_jax._src.interop.convert import ConversionError
 from lora_jax._src.interop.names import (LAYER, NameMap, as_target_map, fused_keys, leaf_layout,
                                          torch_index)
 from lora_jax._src.interop.peft_params import param_leaves, unpack_params
-from lora_jax._src.interop.peft_format import (PREFIX, check_config, is_io, is_targeted,
-                                               kernel_modules, pattern_value, validate_config)
+from lora_jax._src.interop.peft_format import (PREFIX, REDONE_INITS, check_config, is_io,
+                                               is_targeted, kernel_modules, pattern_value,
+                                               validate_config)
 from lora_jax._src.interop.tensors import leaf_from_torch, to_numpy
+from lora_jax._src.inits import principal_factors
 from lora_jax._src.merge import base as _base
+from lora_jax._src.quant import is_quantized
 from lora_jax._src.weight import LoraWeight, Trainable, is_node
 
 _KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight"
@@ -91,6 +94,22 @@ def _factors(A: np.ndarray, B: np.ndarray, shape: tuple, roles: str | None):
     return f"conv lora_A {A.shape} / lora_B {B.shape} do not fit the kernel of shape {shape}"
   a = np.transpose(A, tuple(range(2, nd)) + (1, 0))
   return a, B.reshape(B.shape[0], r).T, "i" * (nd - 1) + "o"
+
+
+def _redo_init(residual: dict, path: str, module: str, w, layer: int | None, roles: str,
+               r: int, scale: float, init: str, not_linear: bool) -> str | None:
+  """PEFT's ``from_pretrained`` of a ``"pissa"`` / ``"olora"`` adapter redoes the
+  init on the base first: the kernel (layer) becomes ``W - s·A0@B0``."""
+  if not_linear:
+    return f"{module}: init_lora_weights={init!r} on a non-Linear module is not supported"
+  if is_quantized(w):
+    return (f"{module}: init_lora_weights={init!r} rewrites the base kernel {path}, but "
+            "it is quantized; load onto the float base, then quantize")
+  current = jnp.asarray(residual.get(path, w))
+  part = current if layer is None else current[layer]
+  new = principal_factors(jax.random.key(0), part, roles, r, scale, init)[0]
+  residual[path] = new if layer is None else current.at[layer].set(new)
+  return None
 
 
 def _stack(parts: list, n_layers: int, per_shape: tuple):
@@ -319,6 +338,8 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
   if trace is not None:
     inferred = layout.infer_roles(trace, base, sorted(per_path))
   out = dict(leaves)
+  init = config.get("init_lora_weights", True)
+  residual: dict[str, Any] = {}  # path -> base kernel after PiSSA / OLoRA
   for path, layers in per_path.items():
     w = by_path[path]
     stacked = next(iter(layers)) is not None
@@ -351,6 +372,11 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
         mismatched.append((path, module, f"{got}"))
         continue
       parts[layer or 0] = got + (_scale(alpha, r, rslora),)
+      if init in REDONE_INITS:
+        why = _redo_init(residual, path, module, w, layer, got[2], r, parts[layer or 0][3],
+                         init, module in embedding or A.ndim != 2)
+        if why:
+          problems.append(why)
     if any(p is None for p in parts) and not stacked:
       continue
     if all(p is None for p in parts):
@@ -360,6 +386,7 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
     else:
       a, b, full_roles, scale = parts[0]
     fdtype = dtype or w.dtype
+    w = residual.get(path, w)
     out[path] = LoraWeight(w, jnp.asarray(a, fdtype), jnp.asarray(b, fdtype), scale=scale,
                            roles=full_roles, dropout=float(config.get("lora_dropout", 0.0)))
 
@@ -387,6 +414,11 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
       out[path] = Trainable(jnp.asarray(value, w.dtype), w)
 
   problems += [f"{p} <- {m}: {why}" for p, m, why in mismatched]
+  init = config.get("init_lora_weights", True)
+  if init in REDONE_INITS and by_param:
+    problems.append(f"init_lora_weights={init!r} with target_parameters "
+                    f"{sorted(by_param)}: redoing {init} on 3-D expert parameters is not "
+                    "supported; convert the adapter in PEFT first")
   if dry_run:
     sources = {p: ", ".join(sorted(m.values())) for p, m in per_path.items()}
     sources.update({p: k for k, p in param_leaves(base, name_map).items() if p in by_param})
