@@ -62,6 +62,19 @@ def adapter_args(params: Params, config=None, step: int | None = None) -> ocp.ar
                                INFO: ocp.args.JsonSave(description)})
 
 
+def publish(tmp: str, final: str, overwrite: bool) -> None:
+  """Move a complete checkpoint ``tmp`` to ``final``: swapped in atomically
+  with ``overwrite``, else created only if nothing is there (a racing writer
+  that got there first is a ``FileExistsError``)."""
+  if overwrite:
+    atomic_dir.swap_in(tmp, final)
+    return
+  try:
+    atomic_dir.create(tmp, final)
+  except FileExistsError:
+    raise _exists(final, raced=True) from None
+
+
 def save_adapter(directory, params: Params, step: int | None = None, config=None,
                  *, overwrite: bool = False) -> str:
   """Save the adapter of ``params``: A, B, trained leaves and a JSON description.
@@ -129,13 +142,7 @@ def save_adapter(directory, params: Params, step: int | None = None, config=None
   args = adapter_args(params, config, step)
   with atomic_dir.writing(final) as tmp:
     ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(tmp, args=args)
-    if overwrite:
-      atomic_dir.swap_in(tmp, final)
-    else:
-      try:
-        atomic_dir.create(tmp, final)
-      except FileExistsError:
-        raise _exists(final, raced=True) from None
+    publish(tmp, final, overwrite)
   shutil.rmtree(atomic_dir.previous(final), ignore_errors=True)  # an interrupted swap's
   return final
 

@@ -57,13 +57,7 @@ def save_stack(directory, params, *, overwrite: bool = False) -> str:
       checkpoint.save_adapter(os.path.join(tmp, str(i)), ad)
     with open(os.path.join(tmp, FILE), "w") as f:
       json.dump(info, f, indent=1)
-    if overwrite:
-      atomic_dir.swap_in(tmp, final)
-    else:
-      try:
-        atomic_dir.create(tmp, final)
-      except FileExistsError:
-        raise checkpoint._exists(final, raced=True) from None
+    checkpoint.publish(tmp, final, overwrite)
   return final
 
 

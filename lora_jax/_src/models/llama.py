@@ -530,12 +530,17 @@ def init_params(config: LlamaConfig, key: Array | None = None, *,
     >>> shapes["layers"]["mlp"]["down_proj"]["kernel"].shape
     (2, 64, 32)
   """
+  return random_params(Llama, config, key, abstract)
+
+
+def random_params(model_cls, config, key: Array | None, abstract: bool):
+  """``model_cls(config).init`` on one token, jitted once per config."""
   key = jax.random.key(0) if key is None else key
-  init = _init_fn(config)
+  init = _init_fn(model_cls, config)
   return jax.eval_shape(init, key) if abstract else init(key)
 
 
 @functools.lru_cache(maxsize=16)
-def _init_fn(config: LlamaConfig):
+def _init_fn(model_cls, config):
   ids = jnp.zeros((1, 1), jnp.int32)
-  return jax.jit(lambda k: Llama(config).init(k, ids)["params"])
+  return jax.jit(lambda k: model_cls(config).init(k, ids)["params"])

@@ -11,7 +11,6 @@ with one factored adapter per expert.
 """
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lora_jax._src.models.llama import (LlamaAttention, LlamaConfig, _causal_mask, _dense,
-                                        _norm)
+                                        _norm, random_params)
 
 Array = jax.Array
 _INIT = nn.initializers.normal(0.02)
@@ -266,12 +265,4 @@ def init_moe_params(config: MixtralConfig, key: Array | None = None, *,
     >>> shapes["layers_1"]["mlp"]["experts"]["down_proj"].shape   # (E, d, ff)
     (4, 32, 48)
   """
-  key = jax.random.key(0) if key is None else key
-  init = _init_fn(config)
-  return jax.eval_shape(init, key) if abstract else init(key)
-
-
-@functools.lru_cache(maxsize=16)
-def _init_fn(config: MixtralConfig):
-  ids = jnp.zeros((1, 1), jnp.int32)
-  return jax.jit(lambda k: Mixtral(config).init(k, ids)["params"])
+  return random_params(Mixtral, config, key, abstract)
