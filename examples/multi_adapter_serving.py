@@ -207,9 +207,9 @@ def make_parser():
   p = parser(__doc__.split("\n")[0], out="out",
              out_help="directory for multi_adapter_serving.png")
   p.add_argument("--pretrain-steps", type=int, default=None,
-                 help="steps of the base's (all weights) echo training (1000; 120 with --fast)")
+                 help="steps of the base's (all weights) echo training (800; 120 with --fast)")
   p.add_argument("--steps", type=int, default=None,
-                 help="LoRA steps per adapter (400; 40 with --fast)")
+                 help="LoRA steps per adapter (300; 40 with --fast)")
   p.add_argument("--rank", type=int, default=8, help="LoRA rank (alpha = 2 x rank)")
   p.add_argument("--lr", type=float, default=1e-2, help="LoRA learning rate (adamw)")
   p.add_argument("--pretrain-lr", type=float, default=3e-3,
@@ -228,9 +228,9 @@ def make_parser():
 def main(argv=None) -> dict:
   args = make_parser().parse_args(argv)
   if args.pretrain_steps is None:
-    args.pretrain_steps = 120 if args.fast else 1000
+    args.pretrain_steps = 120 if args.fast else 800
   if args.steps is None:
-    args.steps = 40 if args.fast else 400
+    args.steps = 40 if args.fast else 300
   if args.fast:
     args.serve_batch, args.serve_tokens, args.rounds = 8, 8, 2
   words, served = split_words(read_text(TEXT), args.seed, 8)
