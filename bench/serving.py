@@ -57,7 +57,7 @@ MODES = {
                              num_key_value_heads=4, max_position_embeddings=512),
                  batch=64, prompt=64, rank=8, ns=(1, 4, 16, 64), rounds=9),
     # seconds: the smoke test
-    "toy": dict(config={}, batch=4, prompt=4, rank=2, ns=(1, 2, 4), rounds=1),
+    "toy": dict(config={}, batch=2, prompt=4, rank=2, ns=(1, 2), rounds=1),
 }
 
 
@@ -153,9 +153,18 @@ def measure_serving(mode: str, rounds: int | None = None, log=print) -> dict:
                             for name, t in times.items()}
     log(f"{phase}: {len(steps)} contenders x {rounds} rounds in "
         f"{time.perf_counter() - t0:.0f} s")
+  out["decode_cost"] = {
+      name: cost(decode.lower(*args).compile()) for name, args in [
+          ("single", (single, tok, filled, pos))] + [
+          (f"mixed-{n}", (stacks[n], tok, filled, pos, ids[n])) for n in ns]}
   out["concat"] = concat_matmul(b * p, cfg.hidden_size, cfg.intermediate_size, rank, rounds)
   out["ratios"] = ratios(out)
   return out
+
+
+def cost(c) -> dict:
+  """XLA's FLOPs and bytes accessed of a compiled program (deterministic)."""
+  return {"flops": measure.flops(c), "bytes_accessed": measure.bytes_accessed(c)}
 
 
 def concat_matmul(rows: int, d_in: int, d_out: int, rank: int, rounds: int) -> dict:
@@ -218,6 +227,13 @@ def markdown(out: dict, machine: dict) -> str:
   for name, target in goals(out["ns"]):
     v = out["ratios"][name]
     lines.append(f"| {name} | >= {target} | {v:.2f} | {'yes' if v >= target else 'no'} |")
+  lines += ["", "XLA cost analysis of one decode step (deterministic): FLOPs and bytes "
+            "accessed relative to the single (unstacked) adapter's.", "",
+            "| decode step | FLOPs | bytes accessed |", "| --- | ---: | ---: |"]
+  dc = out["decode_cost"]
+  for name, c in dc.items():
+    lines.append(f"| {name} | {c['flops'] / dc['single']['flops']:.3f} | "
+                 f"{c['bytes_accessed'] / dc['single']['bytes_accessed']:.3f} |")
   c = out["concat"]
   rows, d_in, d_out, rank = c["shape"]
   lines += ["", f"One concatenated matmul x·[W | A] vs x·W and x·A separately "

@@ -17,7 +17,9 @@ def test_toy_run_writes_results(tmp_path):
     assert set(data["phases"][phase]) == names
     assert all(v["tokens_per_s"] > 0 and len(v["times_s"]) == data["rounds"]
                for v in data["phases"][phase].values())
-  assert "decode: mixed-4 / loop-4" in data["ratios"]
+  assert "decode: mixed-2 / loop-2" in data["ratios"]
   assert data["concat"]["concat_over_separate"] > 0
+  flops = [c["flops"] for c in data["decode_cost"].values()]
+  assert max(flops) <= 1.05 * min(flops)  # FLOPs do not grow with the number of adapters
   text = md.read_text()
   assert "| goal |" in text and "x·[W | A]" in text and data["machine"]["platform"] in text
