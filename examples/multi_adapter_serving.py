@@ -241,7 +241,8 @@ def main(argv=None) -> dict:
   with Timer() as t_train:
     params = init_params(config, jax.random.key(args.seed))
     params, base_losses = train(apply, params, optax.adamw(args.pretrain_lr), words,
-                                lambda w: w, args.pretrain_steps, args, "base: echo (all weights)", args.seed)
+                                lambda w: w, args.pretrain_steps, args,
+                                "base: echo (all weights)", args.seed)
     adapters, losses = train_adapters(model, params, words, args)
   names = list(adapters)
   stack = lj.stack_adapters([adapters[n] for n in names], names=names)
