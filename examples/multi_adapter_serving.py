@@ -89,9 +89,8 @@ def prompt_ids(word: str) -> np.ndarray:
 
 # --- training ------------------------------------------------------------------------
 
-def train(apply, params, tx, words, fn, steps, args, desc, seed):
-  """``steps`` optimizer steps on one task; ``(params, losses)``."""
-  step = make_step(apply, tx)
+def train(step, params, tx, words, fn, steps, args, desc, seed):
+  """``steps`` of ``step`` (``make_step``) on one task; ``(params, losses)``."""
   opt_state, losses = tx.init(params), []
   rng = np.random.default_rng(seed)
   bar = progress(range(steps), desc, args.quiet)
@@ -108,12 +107,14 @@ def train_adapters(model, params, words, args) -> tuple[dict, dict]:
   apply = lambda p, ids: model.apply({"params": p}, ids)
   lconfig = lj.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=TARGETS)
   probe = jnp.zeros((1, 8), jnp.int32)
-  adapters, losses = {}, {}
+  adapters, losses, step, tx = {}, {}, None, None
   for k, (name, fn) in enumerate(TASKS.items()):
     lparams = lj.lora_init(jax.random.key(args.seed + 10 + k), params, lconfig,
                            trace=lambda p: apply(p, probe))
-    tx = lj.optimizer(optax.adamw(args.lr), lparams)
-    lparams, losses[name] = train(lj.lora(apply), lparams, tx, words, fn, args.steps, args,
+    if step is None:  # the four adapters share shapes: one compiled step for all
+      tx = lj.optimizer(optax.adamw(args.lr), lparams)
+      step = make_step(lj.lora(apply), tx)
+    lparams, losses[name] = train(step, lparams, tx, words, fn, args.steps, args,
                                   f"adapter {name!r} (A, B only)", args.seed + 100 + k)
     adapters[name] = lj.adapter(lparams)
   return adapters, losses
@@ -219,9 +220,9 @@ def make_parser():
   p.add_argument("--serve-batch", type=int, default=32,
                  help="rows of the batch timed for the throughput plot (8 with --fast)")
   p.add_argument("--serve-tokens", type=int, default=32,
-                 help="new tokens per row in the throughput runs (8 with --fast)")
+                 help="new tokens per row in the throughput runs (6 with --fast)")
   p.add_argument("--rounds", type=int, default=5,
-                 help="timed rounds per throughput figure (medians; 2 with --fast)")
+                 help="timed rounds per throughput figure (medians; 1 with --fast)")
   return p
 
 
@@ -232,7 +233,7 @@ def main(argv=None) -> dict:
   if args.steps is None:
     args.steps = 40 if args.fast else 300
   if args.fast:
-    args.serve_batch, args.serve_tokens, args.rounds = 8, 8, 2
+    args.serve_batch, args.serve_tokens, args.rounds = 8, 6, 1
   words, served = split_words(read_text(TEXT), args.seed, 8)
   config = tiny_config(args.fast)
   model = Llama(config)
@@ -240,7 +241,8 @@ def main(argv=None) -> dict:
 
   with Timer() as t_train:
     params = init_params(config, jax.random.key(args.seed))
-    params, base_losses = train(apply, params, optax.adamw(args.pretrain_lr), words,
+    tx = optax.adamw(args.pretrain_lr)
+    params, base_losses = train(make_step(apply, tx), params, tx, words,
                                 lambda w: w, args.pretrain_steps, args,
                                 "base: echo (all weights)", args.seed)
     adapters, losses = train_adapters(model, params, words, args)
