@@ -9,5 +9,8 @@ contenders interleaved step by step (see ``bench/measure.py``). Modules:
 * ``measure``    timing, XLA cost / memory analysis, compile time, machine info;
 * ``workloads``  sizes (tiny / quick / full) and one workload's measurements;
 * ``goals``      the project's targets and their met / missed verdicts;
-* ``report``     markdown table, JSON, PNG chart.
+* ``report``     markdown table, JSON, PNG chart;
+* ``serving``    ``python -m bench.serving [--quick]``: mixed-adapter batches
+                 (``adapter_ids``) vs one adapter, the base, merged, a per-adapter loop;
+* ``qlora_memory`` ``python -m bench.qlora_memory``: QLoRA memory proxies.
 """

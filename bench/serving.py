@@ -1,0 +1,282 @@
+"""``python -m bench.serving [--quick | --toy] [--out DIR]``: many adapters, one batch.
+
+Throughput (tokens / s) of one batch of ``B`` rows whose rows use ``N``
+distinct LoRA adapters (``lj.stack_adapters`` + ``adapter_ids``, row ``i``
+uses adapter ``i mod N``), for N = 1, 4, 16, 64, on a scanned
+``lora_jax.models.Llama`` with r=8 adapters on every q/k/v/o/gate/up/down
+projection, in two phases:
+
+* prefill: the ``(B, P)`` prompt into an empty KV cache (``B·P`` tokens);
+* decode: one ``(B, 1)`` step against a cache holding the prompt (``B``
+  tokens).
+
+Contenders, all jitted and timed interleaved (``bench.measure.interleaved``,
+medians; ratios between contenders of the same run):
+
+* ``base``: the model without adapters;
+* ``single``: one ordinary (unstacked) adapter for every row, ``lj.lora``;
+* ``merged``: that adapter merged into W (``lj.merge``);
+* ``mixed-N``: the stack of N adapters, ``adapter_ids`` per row;
+* ``loop-N``: PEFT-style: the batch cut into N per-adapter sub-batches of
+  ``B / N`` rows, each run through the single-adapter model in turn (one
+  jitted call per sub-batch, as PEFT's ``adapter_names`` loop runs one
+  sub-batch per adapter).
+
+Also a kernel-level check of one concatenated matmul ``x·[W | A]`` (x read
+once) against the two separate ``x·W`` and ``x·A`` the transform emits.
+
+Writes ``serving-<mode>-<platform>.md`` and ``.json`` into ``--out``.
+"""
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lora_jax as lj
+from lora_jax.models import Llama, LlamaConfig, init_cache, init_params
+
+from bench import measure
+
+TARGETS = r".*(q|k|v|o|gate|up|down)_proj/kernel"
+
+MODES = {
+    # d=128, 4 layers, batch 64 x 32-token prompts: a few minutes on 2 loaded cores
+    "quick": dict(config=dict(vocab_size=512, hidden_size=128, intermediate_size=384,
+                              num_hidden_layers=4, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=256),
+                  batch=64, prompt=32, rank=8, ns=(1, 4, 16, 64), rounds=25),
+    "full": dict(config=dict(vocab_size=1024, hidden_size=256, intermediate_size=768,
+                             num_hidden_layers=4, num_attention_heads=8,
+                             num_key_value_heads=4, max_position_embeddings=512),
+                 batch=64, prompt=64, rank=8, ns=(1, 4, 16, 64), rounds=9),
+    # seconds: the smoke test
+    "toy": dict(config={}, batch=2, prompt=4, rank=2, ns=(1, 2), rounds=1),
+}
+
+
+def adapters(params, model, n: int, rank: int, seed: int = 0):
+  """``n`` adapters with random (nonzero) A and B on every projection."""
+  trace = lambda p: model.apply({"params": p}, jnp.ones((1, 2), jnp.int32))
+  out = []
+  for k in range(n):
+    lp = lj.lora_init(jax.random.key(seed + k), params,
+                      lj.LoraConfig(rank=rank, alpha=2.0 * rank, targets=TARGETS), trace=trace)
+    rng = np.random.default_rng(seed + k)
+    lp = jax.tree.map(lambda x: x.replace(b=jnp.asarray(
+        rng.normal(0, 0.02, x.b.shape), x.b.dtype)) if isinstance(x, lj.LoraWeight) else x,
+        lp, is_leaf=lambda x: isinstance(x, lj.LoraWeight))
+    out.append(lj.adapter(lp))
+  return out
+
+
+def _phases(model):
+  """Jitted ``prefill(p, ids, cache, **kw)`` and ``decode(p, tok, cache, pos, **kw)``."""
+  run = lj.lora(model.apply)
+
+  @jax.jit
+  def prefill(p, ids, cache, adapter_ids=None):
+    kw = {} if adapter_ids is None else {"adapter_ids": adapter_ids}
+    logits, cache = run({"params": p}, ids, cache=cache, **kw)
+    return logits[:, -1], cache
+
+  @jax.jit
+  def decode(p, tok, cache, positions, adapter_ids=None):
+    kw = {} if adapter_ids is None else {"adapter_ids": adapter_ids}
+    logits, cache = run({"params": p}, tok, cache=cache, positions=positions, **kw)
+    return logits[:, -1], cache
+  return prefill, decode
+
+
+def measure_serving(mode: str, rounds: int | None = None, log=print) -> dict:
+  m = MODES[mode]
+  cfg = LlamaConfig(**m["config"], scan_layers=True)
+  b, p, rank, ns = m["batch"], m["prompt"], m["rank"], m["ns"]
+  rounds = rounds or m["rounds"]
+  model = Llama(cfg)
+  params = init_params(cfg, jax.random.key(0))
+  ads = adapters(params, model, max(ns), rank)
+  single = lj.attach(params, ads[0])
+  merged = lj.merge(single)
+  prefill, decode = _phases(model)
+  prompt = jax.random.randint(jax.random.key(1), (b, p), 0, cfg.vocab_size)
+  empty = init_cache(cfg, b, p + 8)
+  _, filled = prefill(params, prompt, empty)        # a cache holding the prompt
+  tok = prompt[:, -1:]
+  pos = jnp.full((b, 1), p, jnp.int32)
+  stacks = {n: lj.attach(params, lj.stack_adapters(ads[:n])) for n in ns}
+  ids = {n: jnp.arange(b, dtype=jnp.int32) % n for n in ns}
+
+  def sub(tree, rows):
+    return jax.tree.map(lambda x: x[rows], tree)
+
+  def loop(n, phase):
+    """PEFT-style: one single-adapter call per adapter's sub-batch."""
+    groups = [np.flatnonzero(np.asarray(ids[n]) == k) for k in range(n)]
+    plist = [lj.attach(params, ads[k]) for k in range(n)]
+    if phase == "prefill":
+      parts = [(prompt[g], sub(empty, g)) for g in groups]
+      return lambda: [prefill(pk, x, c) for pk, (x, c) in zip(plist, parts)]
+    parts = [(tok[g], sub(filled, g), pos[g]) for g in groups]
+    return lambda: [decode(pk, x, c, q) for pk, (x, c, q) in zip(plist, parts)]
+
+  calls = {
+      "prefill": dict(base=lambda: prefill(params, prompt, empty),
+                      single=lambda: prefill(single, prompt, empty),
+                      merged=lambda: prefill(merged, prompt, empty)),
+      "decode": dict(base=lambda: decode(params, tok, filled, pos),
+                     single=lambda: decode(single, tok, filled, pos),
+                     merged=lambda: decode(merged, tok, filled, pos)),
+  }
+  for n in ns:
+    calls["prefill"][f"mixed-{n}"] = functools.partial(
+        lambda n: prefill(stacks[n], prompt, empty, ids[n]), n)
+    calls["decode"][f"mixed-{n}"] = functools.partial(
+        lambda n: decode(stacks[n], tok, filled, pos, ids[n]), n)
+    if n > 1:
+      calls["prefill"][f"loop-{n}"] = loop(n, "prefill")
+      calls["decode"][f"loop-{n}"] = loop(n, "decode")
+
+  out = {"mode": mode, "config": m["config"], "batch": b, "prompt": p, "rank": rank,
+         "ns": list(ns), "rounds": rounds, "phases": {}}
+  for phase, steps in calls.items():
+    t0 = time.perf_counter()
+    times = measure.interleaved(steps, rounds)
+    tokens = b * p if phase == "prefill" else b
+    out["phases"][phase] = {name: {"tokens_per_s": tokens / t["median_s"], **t}
+                            for name, t in times.items()}
+    log(f"{phase}: {len(steps)} contenders x {rounds} rounds in "
+        f"{time.perf_counter() - t0:.0f} s")
+  out["decode_cost"] = {
+      name: cost(decode.lower(*args).compile()) for name, args in [
+          ("single", (single, tok, filled, pos))] + [
+          (f"mixed-{n}", (stacks[n], tok, filled, pos, ids[n])) for n in ns]}
+  out["concat"] = concat_matmul(b * p, cfg.hidden_size, cfg.intermediate_size, rank, rounds)
+  out["ratios"] = ratios(out)
+  return out
+
+
+def cost(c) -> dict:
+  """XLA's FLOPs and bytes accessed of a compiled program (deterministic)."""
+  return {"flops": measure.flops(c), "bytes_accessed": measure.bytes_accessed(c)}
+
+
+def concat_matmul(rows: int, d_in: int, d_out: int, rank: int, rounds: int) -> dict:
+  """``x·W`` + ``(x·A)·B`` as two matmuls reading x twice vs one ``x·[W | A]``."""
+  k = jax.random.split(jax.random.key(3), 4)
+  x = jax.random.normal(k[0], (rows, d_in))
+  w = jax.random.normal(k[1], (d_in, d_out))
+  a = jax.random.normal(k[2], (d_in, rank))
+  bb = jax.random.normal(k[3], (rank, d_out))
+  wa = jnp.concatenate([w, a], axis=1)          # built once, as a stored layout would be
+  separate = jax.jit(lambda x: x @ w + (x @ a) @ bb)
+  concat = jax.jit(lambda x: (lambda y: y[:, :d_out] + y[:, d_out:] @ bb)(x @ wa))
+  np.testing.assert_allclose(separate(x), concat(x), rtol=2e-4, atol=2e-3)
+  t = measure.interleaved({"separate": lambda: separate(x), "concat": lambda: concat(x)},
+                          max(rounds, 5) * 3)
+  return {"shape": [rows, d_in, d_out, rank], **t,
+          "concat_over_separate": t["concat"]["median_s"] / t["separate"]["median_s"]}
+
+
+def ratios(out: dict) -> dict:
+  """Throughput ratios (higher is better for the first-named contender)."""
+  r = {}
+  for phase, res in out["phases"].items():
+    thr = lambda name: res[name]["tokens_per_s"]
+    for n in out["ns"]:
+      r[f"{phase}: mixed-{n} / single"] = thr(f"mixed-{n}") / thr("single")
+      r[f"{phase}: mixed-{n} / base"] = thr(f"mixed-{n}") / thr("base")
+      if n > 1:
+        r[f"{phase}: mixed-{n} / loop-{n}"] = thr(f"mixed-{n}") / thr(f"loop-{n}")
+    r[f"{phase}: single / base"] = thr("single") / thr("base")
+    r[f"{phase}: unmerged single / merged (time)"] = thr("merged") / thr("single")
+  return r
+
+
+def goals(ns) -> list[tuple[str, float, float]]:
+  """``(ratio name, target)``: N = 16 (the largest N in toy mode)."""
+  n = 16 if 16 in ns else max(ns)
+  return [(f"{phase}: mixed-{n} / {peer}", target)
+          for peer, target in (("single", 0.90), (f"loop-{n}", 3.0))
+          for phase in ("prefill", "decode")]
+
+
+def markdown(out: dict, machine: dict) -> str:
+  cfg = out["config"]
+  lines = [f"Serving many adapters in one batch ({out['mode']}): scanned Llama "
+           f"d={cfg.get('hidden_size', 32)}, {cfg.get('num_hidden_layers', 2)} layers, "
+           f"batch {out['batch']} x {out['prompt']}-token prompts, r={out['rank']} on every "
+           f"projection; {machine['platform']} / {machine['device_kind']}, "
+           f"{machine['cpu_count']} CPUs (shared, loaded), jax {machine['jax']}; medians of "
+           f"{out['rounds']} interleaved rounds. Throughput in tokens / s "
+           "(prefill: B·P tokens per call; decode: B tokens per step).", "",
+           "| contender | prefill tok/s | decode tok/s |", "| --- | ---: | ---: |"]
+  ph = out["phases"]
+  for name in ph["prefill"]:
+    lines.append(f"| {name} | {ph['prefill'][name]['tokens_per_s']:,.0f} | "
+                 f"{ph['decode'][name]['tokens_per_s']:,.0f} |")
+  lines += ["", "| ratio (throughput) | value |", "| --- | ---: |"]
+  lines += [f"| {k} | {v:.2f} |" for k, v in out["ratios"].items()]
+  lines += ["", "| goal | target | value | met |", "| --- | ---: | ---: | --- |"]
+  for name, target in goals(out["ns"]):
+    v = out["ratios"][name]
+    lines.append(f"| {name} | >= {target} | {v:.2f} | {'yes' if v >= target else 'no'} |")
+  lines += ["", "XLA cost analysis of one decode step (deterministic): FLOPs and bytes "
+            "accessed relative to the single (unstacked) adapter's.", "",
+            "| decode step | FLOPs | bytes accessed |", "| --- | ---: | ---: |"]
+  dc = out["decode_cost"]
+  for name, c in dc.items():
+    lines.append(f"| {name} | {c['flops'] / dc['single']['flops']:.3f} | "
+                 f"{c['bytes_accessed'] / dc['single']['bytes_accessed']:.3f} |")
+  c = out["concat"]
+  rows, d_in, d_out, rank = c["shape"]
+  lines += ["", f"One concatenated matmul x·[W | A] vs x·W and x·A separately "
+            f"(x {rows}x{d_in}, W {d_in}x{d_out}, r={rank}): concat / separate time = "
+            f"{c['concat_over_separate']:.2f} (median {c['concat']['median_s'] * 1e3:.2f} ms "
+            f"vs {c['separate']['median_s'] * 1e3:.2f} ms)."]
+  return "\n".join(lines) + "\n"
+
+
+def parse(argv=None):
+  p = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  mode = p.add_mutually_exclusive_group()
+  mode.add_argument("--quick", action="store_const", dest="mode", const="quick",
+                    help="d=128, 4 layers, batch 64 x 32 tokens: minutes on 2 CPU cores")
+  mode.add_argument("--toy", action="store_const", dest="mode", const="toy",
+                    help="toy sizes, seconds (the smoke test)")
+  p.set_defaults(mode="full")
+  p.add_argument("--rounds", type=int, default=None, help="timed rounds per contender")
+  p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
+                 help="folder for the .md and .json (default: bench/results)")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse(argv)
+  machine = measure.machine()
+  t0 = time.perf_counter()
+  out = measure_serving(args.mode, args.rounds,
+                        log=lambda s: print(f"{time.perf_counter() - t0:6.1f}s {s}",
+                                            file=sys.stderr, flush=True))
+  md = markdown(out, machine)
+  print(md)
+  os.makedirs(args.out, exist_ok=True)
+  cpus = f"-{machine['cpu_count']}core" if machine["platform"] == "cpu" else ""
+  base = os.path.join(args.out, f"serving-{args.mode}-{machine['platform']}{cpus}")
+  with open(base + ".md", "w") as f:
+    f.write(md)
+  with open(base + ".json", "w") as f:
+    json.dump({"machine": machine, **out}, f, indent=1)
+  print(f"wrote {base}.md and .json in {time.perf_counter() - t0:.0f} s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
