@@ -383,9 +383,10 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
       kinds = groups[module]
       if not {"A", "B"} <= set(kinds):
         continue
-      if ("M" in kinds) != dora:
-        (unexpected.append(kinds["M"]) if "M" in kinds else
-         missing.append((path, f"{module}.lora_magnitude_vector (use_dora=True)")))
+      if "M" in kinds and not dora:  # reported; A and B still checked
+        unexpected.append(kinds["M"])
+      if dora and "M" not in kinds:
+        missing.append((path, f"{module}.lora_magnitude_vector (use_dora=True)"))
         continue
       if dora and (module in embedding or to_numpy(tensors[kinds["A"]]).ndim != 2):
         problems.append(f"{module}: DoRA on an embedding or conv module is not supported "
