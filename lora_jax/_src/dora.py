@@ -59,13 +59,6 @@ def column_norm(lw: LoraWeight, w=None) -> jax.Array:
   return jnp.sqrt(sq).reshape(lw.b.shape[:n_s] + lw.b.shape[n_s + 1:])
 
 
-def initial_magnitude(w, roles: str) -> jax.Array:
-  """``‖W‖_c`` (DoRA's ``m`` at init, B = 0), float32, shape ``stack + out``."""
-  n_s = roles.count("s")
-  i_axes = tuple(k for k, r in enumerate(roles) if r == "i")
-  return jnp.sqrt(jnp.sum(jnp.square(w.astype(jnp.float32)), axis=i_axes))
-
-
 def column_scale(lw: LoraWeight) -> jax.Array:
   """``m / ‖W + ΔW‖_c`` (norm constant to autodiff), in ``b``'s layout with
   a rank axis of size 1, so it broadcasts against ``b``."""
