@@ -222,3 +222,9 @@ def test_column_norm_factored_matches_formed():
   lw = _perturb(_dora_params(_mlp()))["l1"]["kernel"]
   np.testing.assert_allclose(dora.column_norm(lw),
                              jnp.linalg.norm(lw.w + lj.delta(lw), axis=0), rtol=1e-5)
+
+
+def test_stack_of_dora_adapters_is_refused():
+  lp = _dora_params(_mlp())
+  with pytest.raises(ValueError, match="adapter 'x' is DoRA"):
+    lj.stack_adapters([lj.adapter(lp)], names=["x"])
