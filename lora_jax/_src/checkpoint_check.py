@@ -164,7 +164,18 @@ def _lora_entry(c: _Checker, e: Mapping, field: str) -> int:
   if not _is_real(dropout) or not 0 <= dropout < 1:
     c.fail(f"{field}.dropout", "a number in [0, 1)", dropout)
   _factors(c, e, field)
-  return sum(_nbytes(e[n]) for n in ("a", "b"))
+  if "m" in e:  # DoRA: one magnitude per output column (b without its rank axis)
+    m = _spec(c, e["m"], f"{field}.m", floating=True)
+    b, ns = tuple(e["b"]["shape"]), roles.count("s")
+    if m != b[:ns] + b[ns + 1:]:
+      c.fail(f"{field}.m.shape", f"{list(b[:ns] + b[ns + 1:])} (DoRA's magnitude: "
+             f"b's shape {list(b)} without its rank axis)", _dims(m))
+  return sum(_nbytes(e[n]) for n in factor_names(e))
+
+
+def factor_names(e: Mapping) -> tuple[str, ...]:
+  """The arrays stored for a LoRA entry: ``a``, ``b`` and DoRA's ``m``."""
+  return ("a", "b", "m") if "m" in e else ("a", "b")
 
 
 def _nbytes(spec: Mapping) -> int:
@@ -178,7 +189,8 @@ def _entry(c: _Checker, path: Any, e: Any) -> int:
     if not isinstance(e, Mapping):
       c.fail(field, "a JSON object", e)
     c.fail(f"{field}.kind", "'lora' or 'trainable'", e.get("kind", MISSING))
-  c.mapping(e, field, _LORA if kind == "lora" else _TRAINABLE)
+  dora = kind == "lora" and "m" in e  # DoRA: the magnitude vector too
+  c.mapping(e, field, (_LORA | {"m"} if dora else _LORA) if kind == "lora" else _TRAINABLE)
   key = [escape(k) for k in path.split("/")]
   if e["key"] != key:
     c.fail(f"{field}.key", f"{key} (the escaped path)", e["key"])
@@ -307,7 +319,7 @@ def check_arrays(entries: Mapping, stored: Mapping, where: str) -> None:
   """
   errors = []
   for path, e in entries.items():
-    names = ("value",) if e["kind"] == "trainable" else ("a", "b")
+    names = ("value",) if e["kind"] == "trainable" else factor_names(e)
     node = stored
     for k in e["key"]:
       node = node.get(k, {}) if isinstance(node, Mapping) else {}

@@ -61,6 +61,9 @@ def _entry(x, kernel) -> tuple[dict, dict]:
           "scale": float(x.scale), "dropout": float(x.dropout),
           "kernel": None if kernel is None else _spec(kernel),
           "a": _spec(x.a), "b": _spec(x.b)}
+  if x.dora:  # DoRA's magnitude; plain LoRA entries keep their old fields
+    info["m"] = _spec(x.m)
+    return info, {"a": x.a, "b": x.b, "m": x.m}
   return info, {"a": x.a, "b": x.b}
 
 
@@ -184,6 +187,9 @@ def restore_target(entries: dict, leaves: dict) -> dict:
       shardings = {"value": getattr(leaf, "sharding", None)}
     else:
       shardings = dict(zip(("a", "b"), _factor_shardings(leaf, e["roles"])))
+      if "m" in e:  # DoRA's magnitude (small): replicated where b is placed
+        sb = shardings["b"]
+        shardings["m"] = _replicated(sb) if isinstance(sb, jax.sharding.Sharding) else sb
     arr = {n: jax.ShapeDtypeStruct(tuple(e[n]["shape"]), jax.numpy.dtype(e[n]["dtype"]),
                                    sharding=sh) for n, sh in shardings.items()}
     _put(target, e["key"], arr)
@@ -218,5 +224,5 @@ def unpack(arrays: dict, description: dict, base_params: Params) -> Params:
     if isinstance(leaves.get(path), jax.Array):  # no-op where restored in place
       a, b = sharding.place_factors(leaves[path], a, b, e["roles"])
     out[path] = LoraWeight(None, a, b, scale=e["scale"], roles=e["roles"],
-                           dropout=e["dropout"])
+                           dropout=e["dropout"], m=arr.get("m"))
   return merge.attach(base_params, out)

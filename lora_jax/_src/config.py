@@ -226,6 +226,12 @@ class LoraConfig:
       and parameter (SGD, Adam(W), Lion, ...) keep them zero; another kernel is adapted only when its path has a
       layer index (the first ``/``-component ``N`` or ``name_N``, e.g.
       ``layers_3``) in the list.
+    dora: DoRA (PEFT's ``use_dora``): each adapted kernel also gets a
+      trainable magnitude ``m`` (one entry per output column, initialised to
+      ``‖W‖_c``) and becomes ``W' = m · (W + ΔW) / ‖W + ΔW‖_c``, the norm
+      over the input axes and constant to autodiff. Matmuls stay factored
+      (the norm is computed from ``AᵀW`` and ``AᵀA``, never ``W + ΔW``);
+      a DoRA kernel in a conv or embedding lookup gets ``W'`` formed (warned).
 
   Every field is checked at construction: a wrong type, a value out of range
   (``alpha`` must be finite and > 0, ``dropout`` in [0, 1)) or a bad regex
@@ -251,6 +257,7 @@ class LoraConfig:
   trainable: Spec = None
   layouts: Mapping[str, str] | None = None
   layers_to_transform: int | tuple[int, ...] | None = None
+  dora: bool = False
 
   def __post_init__(self):
     # every field checked once, here (each error names the field); the regex
@@ -267,6 +274,11 @@ class LoraConfig:
     if not isinstance(self.rslora, bool):
       raise TypeError(f"LoraConfig.rslora must be True or False, got "
                       f"{type(self.rslora).__name__} {self.rslora!r}")
+    if isinstance(self.dora, np.bool_):
+      fix("dora", bool(self.dora))
+    if not isinstance(self.dora, bool):
+      raise TypeError(f"LoraConfig.dora must be True or False, got "
+                      f"{type(self.dora).__name__} {self.dora!r}")
     fix("init", _init(self.init))
     fix("layers_to_transform", _layers(self.layers_to_transform))
     _float_dtype(self.dtype)

@@ -193,6 +193,8 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
     place = quant_sharding.place_factors if is_quantized(w) else sharding.place_factors
     a, b = place(w, a, b, roles)
     out[k] = LoraWeight(w, a, b, scale=scale, roles=roles, dropout=float(config.dropout))
+    if config.dora:
+      out[k] = out[k].replace(m=_magnitude(path, out[k]).astype(dtype))
   if not adapted:
     raise ValueError(
         f"lora_init: layers_to_transform={list(config.layers_to_transform)} left no "
@@ -202,3 +204,15 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
   for k in trained:
     out[k] = Trainable(out[k], out[k])
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _magnitude(path: str, lw: LoraWeight):
+  """DoRA's ``m`` at init: ``‖W + s·A@B‖_c`` (``‖W‖_c`` as B = 0; with PiSSA /
+  OLoRA the original kernel's norm), so that ``W'`` is the original kernel."""
+  from lora_jax._src import dora
+  if is_quantized(lw.w):
+    raise ValueError(
+        f"lora_init: dora=True for {path}, but it is quantized; DoRA's column norm "
+        "needs the float kernel. Use dora=False on quantized kernels, or "
+        "dequantize them (lora_jax.dequantize) first")
+  return dora.column_norm(lw)

@@ -65,6 +65,12 @@ def _fold(w, lw: LoraWeight, sign: float):
   return (w.astype(jnp.float32) + d).astype(w.dtype)
 
 
+def _fold_dora(lw: LoraWeight):
+  """DoRA's ``W' = m · (W + ΔW) / ‖W + ΔW‖_c`` in w's dtype (one ΔW-sized temp)."""
+  from lora_jax._src import dora
+  return dora.dora_kernel(lw).astype(lw.w.dtype)
+
+
 def _check_nodes(what: str, leaves, need=("w", "a", "b", "value", "base")) -> None:
   """Raise one ValueError listing every node of ``leaves`` that is unusable."""
   errors = [e for path, x in leaves for e in node_problems(path, x, need)]
@@ -110,7 +116,7 @@ def merge(params: Params, *, requantize: bool = False) -> Params:
         if last is not None:
           x = x.replace(a=_after(out[last], x.a))
         last = len(out)
-      out.append(_fold(x.w, x, 1.0))
+      out.append(_fold_dora(x) if x.dora else _fold(x.w, x, 1.0))
     else:
       out.append(x.value if isinstance(x, Trainable) else x)
   return jax.tree_util.tree_unflatten(treedef, out)
@@ -168,7 +174,8 @@ def adapter(params: Params) -> Adapter:
     if isinstance(x, LoraWeight):
       # a view, not a new node: no checks here (save_adapter and attach check
       # with the path in hand)
-      out[path] = LoraWeight.tree_unflatten((x.scale, x.roles, x.dropout), (None, x.a, x.b))
+      out[path] = LoraWeight.tree_unflatten((x.scale, x.roles, x.dropout, x.dora),
+                                            (None, x.a, x.b, x.m))
     elif isinstance(x, Trainable):
       out[path] = Trainable(x.value, None)
   if not out:
@@ -284,6 +291,13 @@ def unmerge(merged: Params, adapter: Adapter) -> Params:
   def sub(leaf, item):
     return leaf if isinstance(item, Trainable) else _fold(leaf, item, -1.0)
   _check_adapter(adapter, "unmerge")
+  dora_paths = [p for p, x in adapter.items() if isinstance(x, LoraWeight) and x.dora]
+  if dora_paths:
+    raise ValueError(
+        f"unmerge: the adapter is DoRA at {dora_paths[:4]}: a merged DoRA kernel "
+        "m·(W+ΔW)/‖W+ΔW‖_c does not determine W (the column norms are lost), so it "
+        "cannot be subtracted. Keep the base params (lj.base(params)) and attach "
+        "adapters to them instead.")
   nodes = [p for p, x in tree.flatten(merged, is_leaf=is_node)[0] if is_node(x)]
   if nodes:
     raise ValueError(

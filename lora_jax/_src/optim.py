@@ -30,7 +30,8 @@ def labels(params: Params) -> Params:
   """
   def label(x):
     if isinstance(x, LoraWeight):
-      return x.replace(w=FROZEN, a=TRAINABLE, b=TRAINABLE)
+      return x.replace(w=FROZEN, a=TRAINABLE, b=TRAINABLE,
+                       m=TRAINABLE if x.dora else None)
     if isinstance(x, Trainable):
       return Trainable(TRAINABLE, FROZEN)
     return FROZEN
@@ -41,7 +42,8 @@ def _b_factors(params: Params) -> Params:
   """True at every LoraWeight's ``b``, False elsewhere (LoRA+'s mask)."""
   def mark(x):
     if isinstance(x, LoraWeight):
-      return LoraWeight.tree_unflatten((x.scale, x.roles, x.dropout), (False, False, True))
+      return LoraWeight.tree_unflatten((x.scale, x.roles, x.dropout, x.dora),
+                                       (False, False, True, False))
     if isinstance(x, Trainable):
       return Trainable(False, False)
     return False

@@ -187,6 +187,12 @@ def _dot_general(ctx, eqn, invals):
   out = batch + (x_free + v_free if side == 1 else v_free + x_free)
 
   fa, fb, scale, letter = v.a, v.b, v.scale, {None: "r"}
+  g = None
+  if v.dora:
+    fa, fb, g = v.dora_parts()
+    g_sub = [vs[d] for d in v.b_dims if d is not None]
+    if not set(g_sub) <= set(out):  # the matmul contracts an output column
+      return fallback(ctx, eqn, invals)
   if v.stacked:  # each example (x's axis 0) meets its own adapter's factors
     if 0 in x_contract or 0 in x_batch:
       raise _not_rows(v, f"the matmul contracts or batches x's axis 0 (shape {x.shape})")
@@ -216,7 +222,28 @@ def _dot_general(ctx, eqn, invals):
            else jnp.asarray(scale, t.dtype))
   z = jnp.einsum(f"{''.join(t_sub)},{''.join(s2)}->{''.join(out)}", t, f2,
                  precision=prec, preferred_element_type=pref)
+  if g is not None:
+    g = jnp.squeeze(g, axis=v.b_dims.index(None))
+    y = _dora_base(eqn, base, side, y, x, xd, g, g_sub, out)
   return [y + z.astype(y.dtype)]
+
+
+def _dora_base(eqn, base, side, y, x, xd, g, g_sub, out):
+  """DoRA's base term, as PEFT's ``DoraLinearLayer.forward``: ``g ⊙ (x·W)``,
+  or, with dropout (``xd``: the LoRA branch's dropped-out input),
+  ``x·W + (g - 1) ⊙ (xd·W)`` (one more matmul, as in PEFT).
+
+  ``g = m / ‖W + ΔW‖_c`` (subscripts ``g_sub``) scales output columns, so
+  ``W`` itself is never rescaled: no ``d_in × d_out`` temporary.
+  """
+  spec = f"{''.join(out)},{''.join(g_sub)}->{''.join(out)}"
+  g = g.astype(y.dtype)
+  if xd is x:
+    return jnp.einsum(spec, y, g)
+  base = list(base)
+  base[1 - side] = xd
+  yd = bind(eqn, base)[0]
+  return y + jnp.einsum(spec, yd, g - jnp.ones((), g.dtype))
 
 
 # ----------------------------------------------- stacks: one adapter per row
@@ -595,3 +622,11 @@ RULES = {
     "remat2": _remat, "checkpoint": _remat,
     "cond": _cond, "while": _while, "scan": _scan,
 }
+
+# Rules that keep a DoRA value exact: the views carry its column scale in
+# ``b`` (see ``transform._dora_factors``) and ``dot_general`` applies it. A
+# DoRA kernel reaching any other rule (conv, gather, ragged_dot, custom VJP)
+# gets ``W'`` formed, with the fallback's warning.
+DORA_RULES = frozenset(rule for name, rule in RULES.items() if name not in (
+    "conv_general_dilated", "gather", "ragged_dot_general", "custom_vjp_call",
+    "custom_vjp_call_jaxpr"))

@@ -214,6 +214,9 @@ def stack_adapters(adapters: Sequence[Adapter], names: Sequence[str] | None = No
     problems = [_member_problem(path, n, lw, members[0], names[0])
                 for n, lw in zip(names, members)]
     problems = [p for p in problems if p]
+    problems += [f"{path}: adapter {n!r} is DoRA (it has a magnitude m); a stack holds "
+                 "plain LoRA factors only: merge it (lj.merge) or serve it alone"
+                 for n, lw in zip(names, members) if getattr(lw, "dora", False)]
     if problems:
       raise ValueError("stack_adapters: the adapters cannot share a stack:\n  "
                        + "\n  ".join(problems))

@@ -51,16 +51,16 @@ class _Lazy:
   ``b_dims`` or both (a stacked axis is in both).
   """
 
-  __slots__ = ("w", "a", "b", "a_dims", "b_dims", "scale", "dropout", "path")
+  __slots__ = ("w", "a", "b", "a_dims", "b_dims", "scale", "dropout", "path", "dora")
 
-  def __init__(self, w, a, b, a_dims, b_dims, scale, dropout, path):
+  def __init__(self, w, a, b, a_dims, b_dims, scale, dropout, path, dora=False):
     self.w, self.a, self.b = w, a, b
     self.a_dims, self.b_dims = tuple(a_dims), tuple(b_dims)
-    self.scale, self.dropout, self.path = scale, dropout, path
+    self.scale, self.dropout, self.path, self.dora = scale, dropout, path, dora
 
   def tree_flatten(self):
     return (self.w, self.a, self.b), (self.a_dims, self.b_dims, self.scale,
-                                      self.dropout, self.path)
+                                      self.dropout, self.path, self.dora)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
@@ -95,9 +95,22 @@ class _Lazy:
     s = [d for d, r in enumerate(lw.roles) if r == "s"]
     i = [d for d, r in enumerate(lw.roles) if r == "i"]
     o = [d for d, r in enumerate(lw.roles) if r == "o"]
-    return cls(lw.w, lw.a, lw.b, s + i + [None], s + [None] + o,
+    a, b = lw.a, lw.b
+    if getattr(lw, "m", None) is not None:
+      a, b = _dora_factors(lw)
+    return cls(lw.w, a, b, s + i + [None], s + [None] + o,
                lw.scale if scale is None else scale,
-               lw.dropout if dropout is None else dropout, path)
+               lw.dropout if dropout is None else dropout, path,
+               getattr(lw, "m", None) is not None)
+
+  def dora_parts(self):
+    """A DoRA value's ``(a, b · g, g)``: its factors without the extra rank
+    entry, and the column scale ``g = m / ‖W + ΔW‖_c`` (``b``'s layout, rank
+    axis of size 1). See ``_dora_factors``."""
+    ka, kb = self.a_dims.index(None), self.b_dims.index(None)
+    r = self.a.shape[ka] - 1
+    take = lambda x, k, lo, hi: lax.slice_in_dim(x, lo, hi, axis=k)
+    return take(self.a, ka, 0, r), take(self.b, kb, 0, r), take(self.b, kb, r, r + 1)
 
   def materialize(self):
     """``stop_gradient(w) + ΔW`` in w's dtype (ΔW accumulated in float32)."""
@@ -112,8 +125,29 @@ class _Lazy:
     sb = subscripts(self.b_dims, letters)
     d = jnp.einsum(f"{sa},{sb}->{letters}", self.a, self.b,
                    preferred_element_type=jnp.float32)
-    w = jax.lax.stop_gradient(dense(self.w))
-    return (w.astype(jnp.float32) + self.scale * d).astype(w.dtype)
+    w = jax.lax.stop_gradient(dense(self.w)).astype(jnp.float32)
+    if self.dora:  # W' = W·g + s·A·(B·g): the extra rank entry adds 0 to d
+      g = self.dora_parts()[2]
+      w = jnp.einsum(f"{sb},{letters}->{letters}", g.astype(jnp.float32), w)
+    return (w + self.scale * d).astype(self.w.dtype)
+
+
+def _dora_factors(lw: LoraWeight):
+  """A DoRA node's factors for the interpreter: ``a`` with a zero rank entry
+  appended, ``b · g`` with ``g = m / ‖W + ΔW‖_c`` appended as that entry.
+
+  ``a_ext @ b_ext = a @ (b · g)`` (the extra term is zero), so every lazy view
+  rule (transpose, reshape, slice, scan ...) carries ``g`` along in ``b``'s
+  layout with no rule of its own; consumers read it back with
+  ``_Lazy.dora_parts``. The norm is computed factored (``dora.column_norm``).
+  """
+  from lora_jax._src import dora
+  n_s = lw.roles.count("s")
+  g = dora.column_scale(lw)
+  a = jnp.concatenate([lw.a, jnp.zeros_like(lw.a[..., :1])], axis=-1)
+  b = jnp.concatenate([(lw.b.astype(jnp.float32) * g).astype(lw.b.dtype),
+                       g.astype(lw.b.dtype)], axis=n_s)
+  return a, b
 
 
 def subscripts(dims, letters) -> str:
@@ -223,6 +257,8 @@ def eval_jaxpr(jaxpr, consts, args, ctx: _Context):
     invals = [read(v) for v in eqn.invars]
     if any(is_lazy(x) for x in invals):
       rule = rules.RULES.get(eqn.primitive.name, fallback)
+      if any(is_lazy(x) and x.dora for x in invals) and rule not in rules.DORA_RULES:
+        rule = fallback  # W' formed: correct, warned (or refused when strict)
       outs = quant_rules.run(rule, ctx, eqn, invals)  # rule(ctx, eqn, invals), or
       # with quantized kernels dequantized where this op consumes them
     else:

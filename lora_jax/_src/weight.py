@@ -224,6 +224,10 @@ class LoraWeight(_NotAnArray):
     scale: ``alpha / rank`` (or ``alpha / sqrt(rank)`` with rsLoRA).
     roles: one character per axis of ``w``: ``s``, ``i`` or ``o``.
     dropout: dropout rate on the LoRA branch's input (PEFT semantics).
+    m: DoRA's trainable magnitude, one entry per output column (shape
+      ``stack + out``), or ``None`` for plain LoRA. With ``m`` the kernel is
+      ``W' = m · (W + ΔW) / ‖W + ΔW‖_c``, the column norm taken over the
+      input axes and treated as a constant by autodiff (as PEFT does).
 
   Construction (and ``replace``) checks the factors against ``w`` and
   ``roles`` wherever their shapes are known; ``w`` may be ``None`` (an adapter
@@ -242,10 +246,11 @@ class LoraWeight(_NotAnArray):
     ((4, 3), 2)
   """
 
-  __slots__ = ("w", "a", "b", "scale", "roles", "dropout")
+  __slots__ = ("w", "a", "b", "scale", "roles", "dropout", "m", "_dora")
   _kind = "LoraWeight"
 
-  def __init__(self, w, a, b, *, scale: float, roles: str, dropout: float = 0.0):
+  def __init__(self, w, a, b, *, scale: float, roles: str, dropout: float = 0.0,
+               m=None):
     for name, value in (("scale", scale), ("dropout", dropout)):
       if (isinstance(value, (jax.core.Tracer, bool)) or not isinstance(value, numbers.Real)):
         raise TypeError(
@@ -262,13 +267,18 @@ class LoraWeight(_NotAnArray):
     problems = factor_problems(w, a, b, roles)
     if problems:
       raise ValueError("LoraWeight: the factors do not fit: " + "; ".join(problems))
-    self.w, self.a, self.b = w, a, b
+    problem = magnitude_problem(m, b, roles)
+    if problem:
+      raise ValueError(f"LoraWeight: {problem}")
+    self.w, self.a, self.b, self.m, self._dora = w, a, b, m, m is not None
     self.scale, self.roles, self.dropout = scale, roles, dropout
 
   def tree_flatten_with_keys(self):
     keys = jax.tree_util.GetAttrKey
     children = ((keys("w"), self.w), (keys("a"), self.a), (keys("b"), self.b))
-    return children, (self.scale, self.roles, self.dropout)
+    if self._dora:  # plain LoRA keeps its three children (old treedefs)
+      children += ((keys("m"), self.m),)
+    return children, (self.scale, self.roles, self.dropout, self._dora)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
@@ -276,16 +286,26 @@ class LoraWeight(_NotAnArray):
     # not arrays of these shapes (None, shardings, sentinels, a stack of
     # adapters with a leading axis); aux came from a checked node.
     self = object.__new__(cls)
-    self.w, self.a, self.b = children
-    self.scale, self.roles, self.dropout = aux
+    self.scale, self.roles, self.dropout, dora = aux if len(aux) == 4 else (*aux, False)
+    self.w, self.a, self.b = children[:3]
+    self.m = children[3] if dora else None
+    self._dora = dora  # also where m is None / a label (a half of split, labels)
     return self
+
+  @property
+  def dora(self) -> bool:
+    """True for a DoRA node (it carries a magnitude ``m``)."""
+    return self._dora
 
   def replace(self, **changes) -> "LoraWeight":
     fields = dict(w=self.w, a=self.a, b=self.b, scale=self.scale,
-                  roles=self.roles, dropout=self.dropout)
+                  roles=self.roles, dropout=self.dropout, m=self.m)
     fields.update(changes)
     w, a, b = fields.pop("w"), fields.pop("a"), fields.pop("b")
-    return LoraWeight(w, a, b, **fields)
+    out = LoraWeight(w, a, b, **fields)
+    if self._dora and "m" not in changes:  # a DoRA half without its m stays DoRA
+      out._dora = True
+    return out
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -320,7 +340,26 @@ class LoraWeight(_NotAnArray):
     def desc(x):
       return f"{x.dtype}{list(x.shape)}" if hasattr(x, "shape") and hasattr(x, "dtype") else repr(x)
     return (f"LoraWeight(w={desc(self.w)}, a={desc(self.a)}, b={desc(self.b)}, "
-            f"scale={self.scale}, roles={self.roles!r}, dropout={self.dropout})")
+            f"scale={self.scale}, roles={self.roles!r}, dropout={self.dropout}"
+            + (f", m={desc(self.m)})" if self.m is not None else ")"))
+
+
+def magnitude_problem(m, b, roles: str) -> str:
+  """What is wrong with DoRA magnitude ``m`` for factor ``b``; ``""`` if fine.
+
+  ``m`` has one entry per output column: ``b``'s shape without the rank axis.
+  """
+  if m is None:
+    return ""
+  sm, sb = _concrete_shape(m), _concrete_shape(b)
+  if sm is None or sb is None:
+    return ""
+  n_s = roles.count("s")
+  want = sb[:n_s] + sb[n_s + 1:]
+  if sm != want:
+    return (f"the DoRA magnitude m has shape {sm}; b of shape {sb} (roles {roles!r}) "
+            f"needs m of shape {want} (stack + out: one entry per output column)")
+  return ""
 
 
 

@@ -22,7 +22,6 @@ PREFIX = "base_model.model."
 # PEFT config entries that change what an adapter computes and that lora_jax
 # cannot express: {key: (is-set predicate, why)}.
 _REFUSED = {
-    "use_dora": (bool, "DoRA (weight-decomposed LoRA) is not supported"),
     "lora_bias": (bool, "LoRA biases on lora_B are not supported"),
     "layer_replication": (bool, "layer replication is not supported"),
     "trainable_token_indices": (bool, "trainable tokens are not supported"),
@@ -195,11 +194,11 @@ def check_config(config: Mapping[str, Any]) -> None:
 
   Example:
     >>> check_config({"peft_type": "LORA", "r": 8, "lora_alpha": 16})
-    >>> check_config({"peft_type": "LORA", "use_dora": True})
+    >>> check_config({"peft_type": "LORA", "lora_bias": True})
     Traceback (most recent call last):
     ...
     ValueError: PEFT adapter uses features lora_jax does not support:
-      use_dora=True: DoRA (weight-decomposed LoRA) is not supported
+      lora_bias=True: LoRA biases on lora_B are not supported
   """
   problems = []
   kind = config.get("peft_type", "LORA")

@@ -148,6 +148,7 @@ def pack_peft(params: Any, name_map: NameMap, *, use_rslora: bool = False,
   all_modules = set(kernel_modules(base, name_map))
   tensors: dict[str, np.ndarray] = {}
   ranks, alphas, dropouts, saved, problems, conv1d = {}, {}, [], [], [], {}
+  doras: dict[str, bool] = {}  # path -> DoRA or plain LoRA (PEFT has one use_dora)
   expert_params, adapted_params = param_leaves(base, name_map), []
   for path, x in tree.flatten(params, is_leaf=is_node)[0]:
     if not is_node(x):
@@ -174,7 +175,15 @@ def pack_peft(params: Any, name_map: NameMap, *, use_rslora: bool = False,
           problems.append(f"{path} -> {k}: {e}")
         saved.append(k.rsplit(".", 1)[0])
       continue
+    if isinstance(x, LoraWeight) and x.dora:
+      doras[path] = True
+    elif isinstance(x, LoraWeight):
+      doras[path] = False
     if key in expert_params and isinstance(x, LoraWeight):
+      if x.dora:
+        problems.append(f"{path}: DoRA on a 3-D expert parameter; PEFT's "
+                        "target_parameters has no DoRA")
+        continue
       if x.roles not in EXPERT_ROLES:
         problems.append(f"{path}: roles {x.roles!r}; PEFT adapts a 3-D parameter {key!r} "
                         "as (experts, out, in) or [experts, in, out], i.e. roles 'soi' "
@@ -211,7 +220,17 @@ def pack_peft(params: Any, name_map: NameMap, *, use_rslora: bool = False,
         problems.append(f"{path}: a kernel with roles {x.roles!r} may be a DenseGeneral "
                         f"(torch Linear) or a conv; pass shapes={{{k!r}: torch_shape}}")
         break
-      for tk, tv in _to_peft(x, layer, module, torch_shape, is_embedding).items():
+      peft_tensors = _to_peft(x, layer, module, torch_shape, is_embedding)
+      if x.dora:
+        a_key = f"{module}.lora_A.weight"
+        if a_key not in peft_tensors or peft_tensors[a_key].ndim != 2:
+          problems.append(f"{path}: DoRA on an embedding or conv kernel cannot be "
+                          "exported (lora_jax's DoRA covers Linear modules)")
+          break
+        m = to_numpy(x.m)
+        peft_tensors[f"{module}.lora_magnitude_vector"] = (
+            m if layer is None else m[layer]).reshape(-1)
+      for tk, tv in peft_tensors.items():
         tensors[PREFIX + tk] = np.ascontiguousarray(tv)
       ranks[module] = x.rank
       conv1d[module] = layout == "conv1d"
@@ -222,6 +241,10 @@ def pack_peft(params: Any, name_map: NameMap, *, use_rslora: bool = False,
     for kind in "AB":
       tensors[f"{PREFIX}{module}.lora_{kind}.weight"] = tensors.pop(
           f"{PREFIX}{key}.lora_{kind}.weight")
+  if len(set(doras.values())) > 1:
+    problems.append(f"DoRA at {[p for p, d in doras.items() if d][:3]} but plain LoRA at "
+                    f"{[p for p, d in doras.items() if not d][:3]}; PEFT has one use_dora "
+                    "for the whole adapter: train all kernels with the same LoraConfig.dora")
   if problems:
     raise ConversionError("save_peft_adapter", other=problems)
   if not ranks:
@@ -245,6 +268,7 @@ def pack_peft(params: Any, name_map: NameMap, *, use_rslora: bool = False,
       "fan_in_fan_out": all(conv1d.values()),  # GPT-2 Conv1D modules (rule layout)
       "modules_to_save": sorted(set(saved)) or None,
       "init_lora_weights": True, "inference_mode": True,
+      **({"use_dora": True} if any(doras.values()) else {}),
   }
   if not adapted_params:  # (PEFT's layers_to_transform for target_parameters: untested)
     config.update(_by_layers(set(ranks), all_modules) or {})

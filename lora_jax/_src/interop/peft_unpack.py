@@ -32,7 +32,8 @@ from lora_jax._src.weight import LoraWeight, Trainable, is_node
 
 _KEY = re.compile(r"(?P<module>.+)\.(?P<kind>lora_A|lora_B)(?:\.[^.]+)?\.weight"
                   r"|(?P<emodule>.+)\.(?P<ekind>lora_embedding_A|lora_embedding_B)"
-                  r"(?:\.[^.]+)?")
+                  r"(?:\.[^.]+)?"
+                  r"|(?P<mmodule>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?")
 
 
 def _linear_split(shape: tuple, n_in: int, n_out: int) -> list[int]:
@@ -55,8 +56,8 @@ def _parse_keys(tensors: Mapping[str, Any]):
     if m is None:
       other.append(key)
       continue
-    module = m.group("module") or m.group("emodule")
-    kind = (m.group("kind") or m.group("ekind"))[-1]
+    module = m.group("module") or m.group("emodule") or m.group("mmodule")
+    kind = "M" if m.group("mmodule") else (m.group("kind") or m.group("ekind"))[-1]
     if m.group("emodule"):
       embedding.add(module)
     if kind in groups[module]:
@@ -110,6 +111,27 @@ def _redo_init(residual: dict, path: str, module: str, w, layer: int | None, rol
   new = principal_factors(jax.random.key(0), part, roles, r, scale, init)[0]
   residual[path] = new if layer is None else current.at[layer].set(new)
   return None
+
+
+def _magnitude(lw: LoraWeight, mags: list, stacked: bool, path: str):
+  """DoRA's ``m`` (``stack + out``) from PEFT's per-module magnitude vectors;
+  a stacked layer without an adapter gets ``‖W‖_c`` (an exact no-op)."""
+  from lora_jax._src import dora
+  n_s = lw.roles.count("s")
+  want = tuple(lw.b.shape[:n_s]) + tuple(lw.b.shape[n_s + 1:])
+  m = np.array(dora.column_norm(lw.replace(b=jnp.zeros_like(lw.b))))  # ‖W‖_c
+  for layer, v in enumerate(mags):
+    if v is None:
+      continue
+    one = want[1:] if stacked else want
+    if v.size != math.prod(one):
+      return None, (f"{path}: lora_magnitude_vector has {v.size} entries, the kernel has "
+                    f"{math.prod(one)} output columns (shape {list(one)})")
+    if stacked:
+      m[layer] = v.reshape(one)
+    else:
+      m = v.reshape(one)
+  return m, ""
 
 
 def _stack(parts: list, n_layers: int, per_shape: tuple):
@@ -284,6 +306,7 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
   groups, embedding, other = _parse_keys({k: None for k in tensors
                                           if k not in skipped and k not in consumed})
   rslora = bool(config.get("use_rslora", False))
+  dora = bool(config.get("use_dora", False))
   r0, alpha0 = int(config.get("r", 8)), config.get("lora_alpha", 8)
   unexpected, missing, mismatched, problems = [], [], [], []
   saved = [m.removeprefix(PREFIX) for m in config.get("modules_to_save") or ()]
@@ -355,10 +378,23 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
       continue
     shape = tuple(w.shape[1:] if stacked else w.shape)
     parts = [None] * (w.shape[0] if stacked else 1)
+    mags = [None] * len(parts)  # DoRA: PEFT's lora_magnitude_vector per layer
     for layer, module in layers.items():
       kinds = groups[module]
-      if set(kinds) != {"A", "B"}:
+      if not {"A", "B"} <= set(kinds):
         continue
+      if "M" in kinds and not dora:  # reported; A and B still checked
+        unexpected.append(kinds["M"])
+      if dora and "M" not in kinds:
+        missing.append((path, f"{module}.lora_magnitude_vector (use_dora=True)"))
+        continue
+      if dora and (module in embedding or to_numpy(tensors[kinds["A"]]).ndim != 2):
+        problems.append(f"{module}: DoRA on an embedding or conv module is not supported "
+                        "(lora_jax's DoRA covers Linear modules); leave it out of "
+                        "target_modules")
+        continue
+      if dora:
+        mags[layer or 0] = to_numpy(tensors[kinds["M"]]).astype(np.float32)
       A = to_numpy(tensors[kinds["A"]])
       B = to_numpy(tensors[kinds["B"]])
       r = int(pattern_value(config.get("rank_pattern"), module, r0))
@@ -389,6 +425,13 @@ def unpack_peft(config: Mapping[str, Any], tensors: Mapping[str, Any], params: A
     w = residual.get(path, w)
     out[path] = LoraWeight(w, jnp.asarray(a, fdtype), jnp.asarray(b, fdtype), scale=scale,
                            roles=full_roles, dropout=float(config.get("lora_dropout", 0.0)))
+    if dora:
+      m, why = _magnitude(out[path], mags, stacked, path)
+      if why:
+        problems.append(why)
+        del out[path]
+        continue
+      out[path] = out[path].replace(m=jnp.asarray(m, fdtype))
 
   out.update(by_param)  # target_parameters (MoE experts), see peft_params
   for path, layers in trained.items():
