@@ -256,7 +256,7 @@ def _prims(jaxpr, names):
   n = 0
   for eqn in jaxpr.eqns:
     n += eqn.primitive.name in names
-    for sub in jax.core.jaxprs_in_params(eqn.params):
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       n += _prims(sub, names)
   return n
 

@@ -1,4 +1,4 @@
-"""PyTorch / safetensors weights <-> Flax params.
+r"""PyTorch / safetensors weights <-> Flax params.
 
 The conversion is a pair of pure functions over in-memory dicts:
 
