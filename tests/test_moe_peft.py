@@ -8,9 +8,9 @@ import lora_jax as lj
 from lora_jax.interop import peft as lj_peft
 from lora_jax.models import Mixtral, MixtralConfig, load_hf_mixtral, mixtral_rules
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+import torch
+import transformers
+import peft
 
 CFG = MixtralConfig.tiny()
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]

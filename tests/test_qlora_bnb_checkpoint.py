@@ -9,9 +9,9 @@ import pytest
 import lora_jax as lj
 from lora_jax.models import Llama, load_bnb_llama, load_hf_llama, save_hf_llama
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-bnbf = pytest.importorskip("bitsandbytes.functional")
+import torch
+import transformers
+import bitsandbytes.functional as bnbf
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import lora_jax as lj
 from lora_jax.models import Llama, LlamaConfig, init_params, llama_name_map, save_hf_llama
 
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+import torch
+import peft
+import transformers
 from lora_jax.interop.peft import save_peft_adapter  # noqa: E402
 
 TARGETS = r".*(q|k|v|o|gate|up|down)_proj/kernel"
