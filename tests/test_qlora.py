@@ -141,5 +141,5 @@ def test_training_a_quantized_weight_in_full_is_refused():
   with pytest.raises(ValueError, match=r"lora_init: h is a QuantizedWeight and cannot be "
                                        r"trained in full"):
     lj.lora_init(jax.random.key(0), q, lj.LoraConfig(rank=2, targets="k", trainable="h"))
-  with pytest.raises(TypeError, match=r"lora: 0/0/k is a Trainable QuantizedWeight"):
+  with pytest.raises(TypeError, match=r"lora: k is a Trainable QuantizedWeight"):
     lj.lora(lambda p, x: x @ p["k"])({"k": lj.Trainable(q["k"], q["k"])}, jnp.ones((1, 64)))

@@ -264,17 +264,23 @@ def _rows(ctx, v: _Lazy, rows: int):
   NaN for an id out of range that was not seen before tracing, so a bad id
   under ``jit`` poisons its row instead of reading another adapter.
   """
+  k, scale = _row_ids(ctx, v, rows)
+  a = jnp.take(v.a, k, axis=v.a_dims.index(ADAPTER))
+  b = jnp.take(v.b, k, axis=v.b_dims.index(ADAPTER))
+  return a, b, scale
+
+
+def _row_ids(ctx, v: _Lazy, rows: int):
+  """Each example's stack index (clipped into range) and scale (see ``_rows``)."""
   ids = ctx.adapter_ids
   if ids.shape[0] != rows:
     raise _not_rows(v, f"adapter_ids has {ids.shape[0]} entries and the input's "
                     f"leading axis has {rows}")
   n = v.a.shape[v.a_dims.index(ADAPTER)]
   k = jnp.clip(ids, 0, n - 1)
-  a = jnp.take(v.a, k, axis=v.a_dims.index(ADAPTER))
-  b = jnp.take(v.b, k, axis=v.b_dims.index(ADAPTER))
   scale = jnp.where(ids == -1, 0.0, jnp.where((ids >= 0) & (ids < n),
                                               jnp.take(v.scale, k), jnp.nan))
-  return a, b, scale
+  return k, scale
 
 
 def _row_scale(scale, ndim: int, axis: int, dtype):
@@ -318,12 +324,12 @@ def _stacked_gather_a(v: _Lazy, out_axis: int, idx, eqn, ctx):
   p, dn = eqn.params, eqn.params["dimension_numbers"]
   if idx.ndim < 2 or 0 in dn.offset_dims:
     raise _not_rows(v, f"the lookup's indices have shape {idx.shape}")
-  _, fb, scale = _rows(ctx, v, idx.shape[0])
+  k, scale = _row_ids(ctx, v, idx.shape[0])  # no per-row copy of a (vocab-sized)
+  fb = jnp.take(v.b, k, axis=v.b_dims.index(ADAPTER))
   n_pos = v.a_dims.index(ADAPTER)
   perm = [n_pos] + [v.a_dims.index(None if d == out_axis else d) for d in range(v.ndim)]
   a_kernel = jnp.transpose(v.a, perm)  # (N,) + V's axes, rank at out_axis
-  n = v.a.shape[n_pos]
-  k = jnp.clip(ctx.adapter_ids, 0, n - 1).astype(idx.dtype)
+  k = k.astype(idx.dtype)
   k = jnp.broadcast_to(k.reshape((-1,) + (1,) * (idx.ndim - 1)), idx.shape[:-1] + (1,))
   sizes = list(p["slice_sizes"])
   sizes[out_axis] = v.a.shape[v.a_dims.index(None)]

@@ -95,13 +95,11 @@ class _Lazy:
     s = [d for d, r in enumerate(lw.roles) if r == "s"]
     i = [d for d, r in enumerate(lw.roles) if r == "i"]
     o = [d for d, r in enumerate(lw.roles) if r == "o"]
-    a, b = lw.a, lw.b
-    if getattr(lw, "m", None) is not None:
-      a, b = _dora_factors(lw)
+    is_dora = getattr(lw, "m", None) is not None  # a stack has no m
+    a, b = _dora_factors(lw) if is_dora else (lw.a, lw.b)
     return cls(lw.w, a, b, s + i + [None], s + [None] + o,
                lw.scale if scale is None else scale,
-               lw.dropout if dropout is None else dropout, path,
-               getattr(lw, "m", None) is not None)
+               lw.dropout if dropout is None else dropout, path, is_dora)
 
   def dora_parts(self):
     """A DoRA value's ``(a, b · g, g)``: its factors without the extra rank
@@ -280,25 +278,26 @@ def _split_args(args, kwargs):
       (args, kwargs), is_leaf=lambda x: is_node(x) or is_quantized(x) or is_stack(x))
   statics, where, dynamic, abstract = [], [], [], []
   for k, (path, leaf) in enumerate(leaves):
+    where_ = tree.path_str(path[2:])  # the params path, without (args, position)
     if isinstance(leaf, Trainable):
       leaf = leaf.value
       if is_quantized(leaf):
         raise TypeError(
-            f"lora: {tree.path_str(path)} is a Trainable QuantizedWeight; quantized "
+            f"lora: {where_} is a Trainable QuantizedWeight; quantized "
             "codes cannot be trained. Train a LoRA adapter on it (lora_init), or "
             "dequantize it first (lora_jax.dequantize).")
     if is_stack(leaf) and getattr(leaf.w, "shape", None) is None:
       raise ValueError(
-          f"lora: {tree.path_str(path[2:])} is a stack of adapters without its base "
+          f"lora: {where_} is a stack of adapters without its base "
           f"kernel (w={describe(leaf.w)}); put the stack on the base params first: "
           "lj.attach(base_params, stack)")
     if isinstance(leaf, (LoraWeight, StackedLora)):
       make = _Lazy.from_stack if is_stack(leaf) else _Lazy.from_weight
-      dynamic.append(make(leaf, tree.path_str(path[2:])))  # not (args, 0)
+      dynamic.append(make(leaf, where_))
       abstract.append(jax.ShapeDtypeStruct(leaf.w.shape, leaf.w.dtype))
     elif is_quantized(leaf):  # a rank-0 lazy value: dequantized where consumed
       from lora_jax._src import quant_rules
-      dynamic.append(_Lazy.from_weight(quant_rules.rank0(leaf), tree.path_str(path)))
+      dynamic.append(_Lazy.from_weight(quant_rules.rank0(leaf), where_))
       abstract.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
     elif tree.is_array(leaf) or isinstance(leaf, jax.core.Tracer):
       dynamic.append(leaf)
@@ -349,11 +348,11 @@ def _adapter_ids(dynamic, ids):
   return jnp.asarray(ids)
 
 
-def _warn_dropout_without_rng(dynamic) -> list[bool]:
-  """Warn if some LoraWeight has dropout > 0 but no key was given."""
+def _warn_dropout_without_rng(dynamic) -> bool:
+  """Warn if some LoraWeight has dropout > 0 but no key was given; True if it did."""
   rates = {x.path: x.dropout for x in dynamic if is_lazy(x) and x.dropout > 0}
   if not rates:
-    return []
+    return False
   shown = ", ".join(f"{p} (dropout={r})" for p, r in list(rates.items())[:3])
   more = f" and {len(rates) - 3} more" if len(rates) > 3 else ""
   warnings.warn(
@@ -362,7 +361,7 @@ def _warn_dropout_without_rng(dynamic) -> list[bool]:
       "call the wrapped function with `lora_rng=key` (a fresh key per step); "
       "for evaluation this is expected. Shown once per lora(fn).",
       UserWarning, stacklevel=3)
-  return [True]
+  return True
 
 
 def lora(fn: Callable, *, strict: bool = False) -> Callable:
@@ -419,14 +418,15 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
     (3, 3)
   """
 
-  warned = []
+  warned = False
 
   @functools.wraps(fn)
   def wrapped(*args, lora_rng=None, adapter_ids=None, **kwargs):
+    nonlocal warned
     treedef, statics, where, dynamic, abstract = _split_args(args, kwargs)
     ids = _adapter_ids(dynamic, adapter_ids)
     if lora_rng is None and not warned:
-      warned.extend(_warn_dropout_without_rng(dynamic))
+      warned = _warn_dropout_without_rng(dynamic)
 
     def rebuild(dyn):
       leaves = list(statics)
