@@ -196,7 +196,8 @@ def save(mngr, step, lparams, opt_state, losses, config):
   mngr.save(step, args=ocp.args.Composite(
       **lj.adapter_args(lparams, config, step),
       opt_state=ocp.args.StandardSave(opt_state),
-      history=ocp.args.JsonSave({"losses": losses})))
+      # A copy: the save runs in the background while training appends to `losses`.
+      history=ocp.args.JsonSave({"losses": list(losses)})))
 
 
 def restore(mngr, params, opt_state_like):
