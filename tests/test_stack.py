@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -263,3 +264,23 @@ def test_merge_refuses_a_stack_and_one_member_merges():
   one = lj.merge(lj.attach(lj.base(p), lj.unstack_adapters(p)["y"]))
   np.testing.assert_allclose(fn(one, *args), lj.lora(fn)(lj.attach(params, ads[1]), *args),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_scanned_stack_is_indexed_per_layer_not_transposed():
+  """A stack's factors are (N, layers, ...): each scan step indexes its layer
+  in place. Moving the layer axis to the front instead would copy the whole
+  stack at every call (a decode step's cost growing with N)."""
+  fn, params, args, ads = _three("nn_scan")
+  stacked = lj.attach(params, lj.stack_adapters(ads))
+  shapes = {x.shape for x in jax.tree.leaves(lj.stack_adapters(ads)) if x.ndim >= 3}
+  jaxpr = jax.make_jaxpr(lambda p, *a: lj.lora(fn)(p, *a, adapter_ids=jnp.asarray(IDS)))(
+      stacked, *args)
+
+  def eqns(jx):
+    for e in jx.eqns:
+      yield e
+      for sub in jax.extend.core.jaxprs_in_params(e.params):
+        yield from eqns(sub)
+  moved = [e for e in eqns(jaxpr.jaxpr) if e.primitive.name == "transpose"
+           and e.invars[0].aval.shape in shapes]
+  assert shapes and not moved, moved

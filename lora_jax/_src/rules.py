@@ -265,8 +265,8 @@ def _rows(ctx, v: _Lazy, rows: int):
   under ``jit`` poisons its row instead of reading another adapter.
   """
   k, scale = _row_ids(ctx, v, rows)
-  a = jnp.take(v.a, k, axis=v.a_dims.index(ADAPTER))
-  b = jnp.take(v.b, k, axis=v.b_dims.index(ADAPTER))
+  a = jnp.take(v.a, k, axis=v.a_dims.index(ADAPTER), mode="clip")  # k is in range
+  b = jnp.take(v.b, k, axis=v.b_dims.index(ADAPTER), mode="clip")
   return a, b, scale
 
 
@@ -279,7 +279,7 @@ def _row_ids(ctx, v: _Lazy, rows: int):
   n = v.a.shape[v.a_dims.index(ADAPTER)]
   k = jnp.clip(ids, 0, n - 1)
   scale = jnp.where(ids == -1, 0.0, jnp.where((ids >= 0) & (ids < n),
-                                              jnp.take(v.scale, k), jnp.nan))
+                                              jnp.take(v.scale, k, mode="clip"), jnp.nan))
   return k, scale
 
 
@@ -325,7 +325,7 @@ def _stacked_gather_a(v: _Lazy, out_axis: int, idx, eqn, ctx):
   if idx.ndim < 2 or 0 in dn.offset_dims:
     raise _not_rows(v, f"the lookup's indices have shape {idx.shape}")
   k, scale = _row_ids(ctx, v, idx.shape[0])  # no per-row copy of a (vocab-sized)
-  fb = jnp.take(v.b, k, axis=v.b_dims.index(ADAPTER))
+  fb = jnp.take(v.b, k, axis=v.b_dims.index(ADAPTER), mode="clip")
   n_pos = v.a_dims.index(ADAPTER)
   perm = [n_pos] + [v.a_dims.index(None if d == out_axis else d) for d in range(v.ndim)]
   a_kernel = jnp.transpose(v.a, perm)  # (N,) + V's axes, rank at out_axis
@@ -556,25 +556,34 @@ def _while(ctx, eqn, invals):
 def _scan_slices(v: _Lazy):
   """Split a lazy xs operand into (scanned parts, rebuild-one-slice).
 
-  A factor holding V's axis 0 is scanned along it (moved to the front if it
-  is not there already); a factor without it is the same at every step.
+  A factor holding V's axis 0 at its front is scanned along it; one holding it
+  behind another axis (a stack of adapters: ``(N, layers, ...)``) stays whole
+  and each step indexes its layer, so no transposed copy of the stack is made
+  per call; a factor without it is the same at every step.
   """
   def shift(dims):
     return [d - 1 if isinstance(d, int) else d for d in dims]
 
   def lead(x, dims):
+    """``(scanned, whole, axis to index, dims of one slice)``."""
     if 0 not in dims:
-      return None, x, shift(dims)
+      return None, x, None, shift(dims)
     k = dims.index(0)
-    rest = [d for d in dims if d != 0]
-    return jnp.moveaxis(x, k, 0), None, shift(rest)
+    rest = shift([d for d in dims if d != 0])
+    return (x, None, None, rest) if k == 0 else (None, x, k, rest)
 
-  a_xs, a_const, a_dims = lead(v.a, v.a_dims)
-  b_xs, b_const, b_dims = lead(v.b, v.b_dims)
+  a_xs, a_whole, a_axis, a_dims = lead(v.a, v.a_dims)
+  b_xs, b_whole, b_axis, b_dims = lead(v.b, v.b_dims)
 
-  def rebuild(w, a_i, b_i):
-    return v.replace(w=w, a=a_const if a_i is None else a_i,
-                     b=b_const if b_i is None else b_i, a_dims=a_dims, b_dims=b_dims)
+  def pick(x_i, whole, axis, i):
+    if x_i is not None:
+      return x_i
+    return whole if axis is None else lax.dynamic_index_in_dim(whole, i, axis, False)
+
+  def rebuild(parts, i):
+    w, a_i, b_i = parts
+    return v.replace(w=w, a=pick(a_i, a_whole, a_axis, i),
+                     b=pick(b_i, b_whole, b_axis, i), a_dims=a_dims, b_dims=b_dims)
   return (v.w, a_xs, b_xs), rebuild
 
 
@@ -595,16 +604,17 @@ def _scan(ctx, eqn, invals):
   if ctx.rng is not None:
     keys = jax.random.split(ctx.next_key(), length)
   body_jaxpr = p["jaxpr"]
+  steps = jnp.arange(length, dtype=jnp.int32)  # xs: step i sees i (reverse too)
 
-  def body(carry, x_and_key):
-    xs_i, key = x_and_key
-    vals = [rb(*x) if rb else x for rb, x in zip(rebuilds, xs_i)]
+  def body(carry, x_key_step):
+    xs_i, key, i = x_key_step
+    vals = [rb(x, i) if rb else x for rb, x in zip(rebuilds, xs_i)]
     sub = ctx.child(key) if key is not None else ctx
     outs = concrete(eval_jaxpr(body_jaxpr.jaxpr, body_jaxpr.consts,
                                list(consts) + list(carry) + vals, sub))
     return outs[:ncarry], outs[ncarry:]
 
-  carry, ys = lax.scan(body, init, (sliced, keys), length=length,
+  carry, ys = lax.scan(body, init, (sliced, keys, steps), length=length,
                        reverse=p["reverse"], unroll=p["unroll"])
   return list(carry) + list(ys)
 
