@@ -173,3 +173,21 @@ def test_errors():
     apply(cache=init_cache(cfg, 3, 8), attention_mask=jnp.ones((3, 5)))
   with pytest.raises(ValueError, match=r"batch_size=0 and max_length=8 must both be >= 1"):
     init_cache(cfg, 0, 8)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_decode_step_updates_the_cache_in_place(scan):
+  """A decode step writes its new slots into the (donated) cache in place:
+  its temporaries stay below one layer-stack of the cache, whatever the depth
+  (a scan over the cache's layer axis as xs/ys would copy all of it)."""
+  cfg = LlamaConfig.tiny(scan_layers=scan, num_hidden_layers=8)
+  model = Llama(cfg)
+  params = init_params(cfg, jax.random.key(0))
+  cache = init_cache(cfg, 4, 256)
+  step = jax.jit(lambda p, t, c, pos: model.apply({"params": p}, t, cache=c, positions=pos),
+                 donate_argnums=2)
+  mem = step.lower(params, jnp.zeros((4, 1), jnp.int32), cache,
+                   jnp.full((4, 1), 5)).compile().memory_analysis()
+  assert mem.alias_size_in_bytes == 2 * cache["k"].nbytes  # k and v: updated in place
+  assert mem.temp_size_in_bytes < cache["k"].nbytes / 2, (mem.temp_size_in_bytes,
+                                                          cache["k"].nbytes)

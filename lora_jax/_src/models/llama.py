@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 
 Array = jax.Array
@@ -277,16 +278,20 @@ class LlamaAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, mask: Array,
-               kv_cache: tuple[Array, Array] | None = None):
+               kv_cache: tuple[Array, Array] | None = None, layer: Array | int = 0):
     """Attention output ``(B, T, d)``; with ``kv_cache`` also the updated cache.
 
     Args:
       x: ``(B, T, d)`` inputs.
       positions: ``(B, T)`` rotary positions.
       mask: ``(B, T, T)``, or ``(B, T, S)`` over the cache slots with a cache.
-      kv_cache: this layer's ``(k, v)``, each ``(B, S, kv_heads, head_dim)``:
-        the new keys and values are written at slot ``positions`` and the
-        queries attend over all ``S`` slots (``mask`` hides the unfilled ones).
+      kv_cache: the whole model's ``(k, v)``, each ``(B, L, S, kv_heads,
+        head_dim)`` (``init_cache``): this layer's new keys and values are
+        written at ``[:, layer, positions]`` in place (no copy of the rest of
+        the cache) and the queries attend over that layer's ``S`` slots
+        (``mask`` hides the unfilled ones).
+      layer: this block's index into the cache's layer axis (traced under
+        ``nn.scan``).
 
     Returns:
       The output, or ``(output, (k, v))`` when ``kv_cache`` is given.
@@ -301,8 +306,8 @@ class LlamaAttention(nn.Module):
     q = rotary(q, positions, cfg.rope_theta).reshape(b, t, kv, h // kv, hd)
     k = rotary(k, positions, cfg.rope_theta)
     if kv_cache is not None:
-      kv_cache = _write_cache(kv_cache, k, v, positions)
-      k, v = kv_cache
+      kv_cache = _write_cache(kv_cache, k, v, positions, layer)
+      k, v = (lax.dynamic_index_in_dim(c, layer, 1, keepdims=False) for c in kv_cache)
     # query head g * (h // kv) + r attends with kv head g (HF's repeat_kv).
     scores = jnp.einsum("btgrd,bsgd->bgrts", q, k) * jnp.asarray(hd ** -0.5, q.dtype)
     scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32),
@@ -314,10 +319,10 @@ class LlamaAttention(nn.Module):
 
 
 def _write_cache(kv_cache: tuple[Array, Array], k: Array, v: Array,
-                 positions: Array) -> tuple[Array, Array]:
-  """Row ``b``'s token ``t`` goes to slot ``positions[b, t]`` (out of range: dropped)."""
+                 positions: Array, layer: Array | int) -> tuple[Array, Array]:
+  """Row ``b``'s token ``t`` goes to ``[b, layer, positions[b, t]]`` (out of range: dropped)."""
   rows = jnp.arange(k.shape[0])[:, None]
-  return tuple(c.at[rows, positions].set(x.astype(c.dtype), mode="drop")
+  return tuple(c.at[rows, layer, positions].set(x.astype(c.dtype), mode="drop")
                for c, x in zip(kv_cache, (k, v)))
 
 
@@ -337,17 +342,18 @@ class LlamaMLP(nn.Module):
 class LlamaBlock(nn.Module):
   """Pre-norm decoder block; returns ``(x, kv_cache)`` so it can be scanned.
 
-  ``kv_cache`` is None without a cache, else this layer's updated ``(k, v)``.
+  ``kv_cache`` is None without a cache, else the whole cache with this
+  layer's (``layer``) slots updated (see ``LlamaAttention``).
   """
 
   config: LlamaConfig
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, mask: Array,
-               kv_cache: tuple[Array, Array] | None = None):
+               kv_cache: tuple[Array, Array] | None = None, layer: Array | int = 0):
     cfg = self.config
     h = _norm(cfg, "input_layernorm")(x)
-    attn = LlamaAttention(cfg, name="self_attn")(h, positions, mask, kv_cache)
+    attn = LlamaAttention(cfg, name="self_attn")(h, positions, mask, kv_cache, layer)
     if kv_cache is not None:
       attn, kv_cache = attn
     x = x + attn
@@ -428,22 +434,24 @@ class Llama(nn.Module):
                       in_axes=(nn.broadcast, nn.broadcast),
                       length=cfg.num_hidden_layers)
       x, _ = stack(cfg, name="layers")(x, positions, mask)
-    elif cfg.scan_layers:  # the cache's layer axis (1) is scanned with the params
-      stack = nn.scan(block, variable_axes={"params": 0},
-                      split_rngs={"params": True},
-                      in_axes=(nn.broadcast, nn.broadcast, 1), out_axes=1,
-                      length=cfg.num_hidden_layers)
-      x, (k, v) = stack(cfg, name="layers")(x, positions, mask, (cache["k"], cache["v"]))
+    elif cfg.scan_layers:
+      # The whole cache rides in the carry and each layer updates its own
+      # slots in place: scanning the cache's layer axis as xs/ys instead would
+      # copy (and transpose) every layer's cache at each decode step.
+      def layer_step(mdl, carry, i):
+        x, kv = carry
+        return mdl(x, positions, mask, kv, i), None
+      stack = nn.scan(layer_step, variable_axes={"params": 0},
+                      split_rngs={"params": True}, length=cfg.num_hidden_layers)
+      (x, (k, v)), _ = stack(block(cfg, name="layers"), (x, (cache["k"], cache["v"])),
+                             jnp.arange(cfg.num_hidden_layers))
       cache = {"k": k, "v": v}
     else:
-      layer_kv = []
+      kv = None if cache is None else (cache["k"], cache["v"])
       for i in range(cfg.num_hidden_layers):
-        kv_i = None if cache is None else (cache["k"][:, i], cache["v"][:, i])
-        x, kv_i = block(cfg, name=f"layers_{i}")(x, positions, mask, kv_i)
-        layer_kv.append(kv_i)
+        x, kv = block(cfg, name=f"layers_{i}")(x, positions, mask, kv, i)
       if cache is not None:
-        cache = {n: jnp.stack([kv[j] for kv in layer_kv], axis=1)
-                 for j, n in enumerate(("k", "v"))}
+        cache = {"k": kv[0], "v": kv[1]}
     x = _norm(cfg, "norm")(x)
     if cfg.tie_word_embeddings:
       logits = embed.attend(x)
