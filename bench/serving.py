@@ -1,4 +1,4 @@
-"""``python -m bench.serving [--quick | --toy] [--out DIR]``: many adapters, one batch.
+"""``python -m bench.serving [--quick | --wide | --toy] [--out DIR]``: many adapters, one batch.
 
 Throughput (tokens / s) of one batch of ``B`` rows whose rows use ``N``
 distinct LoRA adapters (``lj.stack_adapters`` + ``adapter_ids``, row ``i``
@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax as lj
-from lora_jax.models import Llama, LlamaConfig, init_cache, init_params
+from lora_jax.models import (Llama, LlamaConfig, generate, generate_cached, init_cache,
+                             init_params)
 
 from bench import measure
 
@@ -51,13 +52,24 @@ MODES = {
     "quick": dict(config=dict(vocab_size=512, hidden_size=128, intermediate_size=384,
                               num_hidden_layers=4, num_attention_heads=4,
                               num_key_value_heads=2, max_position_embeddings=256),
-                  batch=64, prompt=32, rank=8, ns=(1, 4, 16, 64), rounds=25),
+                  batch=64, prompt=32, rank=8, ns=(1, 4, 16, 64), rounds=25,
+                  gen=dict(batch=4, prompt=32, new_tokens=(64, 256))),
     "full": dict(config=dict(vocab_size=1024, hidden_size=256, intermediate_size=768,
                              num_hidden_layers=4, num_attention_heads=8,
                              num_key_value_heads=4, max_position_embeddings=512),
-                 batch=64, prompt=64, rank=8, ns=(1, 4, 16, 64), rounds=9),
+                 batch=64, prompt=64, rank=8, ns=(1, 4, 16, 64), rounds=9,
+                 gen=dict(batch=4, prompt=32, new_tokens=(64, 256))),
+    # LLM proportions (ff = 2.75 d, head 128): the batch's gathered factors,
+    # B·r·(d_in + d_out), are 0.7-1x a kernel's d_in·d_out (16x in "quick";
+    # 0.5x for an 8B model at B = 64, r = 16); minutes on 2 cores
+    "wide": dict(config=dict(vocab_size=1024, hidden_size=1024, intermediate_size=2816,
+                             num_hidden_layers=2, num_attention_heads=8,
+                             num_key_value_heads=4, max_position_embeddings=256),
+                 batch=64, prompt=16, rank=8, ns=(1, 4, 16, 64), rounds=7,
+                 gen=dict(batch=4, prompt=32, new_tokens=(64,))),
     # seconds: the smoke test
-    "toy": dict(config={}, batch=2, prompt=4, rank=2, ns=(1, 2), rounds=1),
+    "toy": dict(config={}, batch=2, prompt=4, rank=2, ns=(1, 2), rounds=1,
+                gen=dict(batch=2, prompt=4, new_tokens=(4,))),
 }
 
 
@@ -157,8 +169,27 @@ def measure_serving(mode: str, rounds: int | None = None, log=print) -> dict:
       name: cost(decode.lower(*args).compile()) for name, args in [
           ("single", (single, tok, filled, pos))] + [
           (f"mixed-{n}", (stacks[n], tok, filled, pos, ids[n])) for n in ns]}
+  out["cached"] = cached_vs_uncached(model, params, m["gen"], max(3, rounds // 5))
   out["concat"] = concat_matmul(b * p, cfg.hidden_size, cfg.intermediate_size, rank, rounds)
   out["ratios"] = ratios(out)
+  return out
+
+
+def cached_vs_uncached(model, params, gen: dict, rounds: int) -> dict:
+  """``generate_cached`` vs ``generate`` (no cache): time per call, same tokens."""
+  b, p = gen["batch"], gen["prompt"]
+  prompt = jax.random.randint(jax.random.key(4), (b, p), 0, model.config.vocab_size)
+  cached = lambda q, ids, **kw: model.apply({"params": q}, ids, **kw)
+  plain = lambda q, ids: model.apply({"params": q}, ids)
+  make_cache = functools.partial(init_cache, model.config)
+  out = {"batch": b, "prompt": p, "new_tokens": {}}
+  for n in gen["new_tokens"]:
+    run_plain = jax.jit(lambda q, ids, n=n: generate(plain, q, ids, n))
+    run_cached = lambda n=n: generate_cached(cached, params, prompt, n, make_cache=make_cache)
+    np.testing.assert_array_equal(run_cached(), run_plain(params, prompt))
+    t = measure.interleaved({"cached": run_cached,
+                             "uncached": lambda f=run_plain: f(params, prompt)}, rounds)
+    out["new_tokens"][n] = {**t, "speedup": t["uncached"]["median_s"] / t["cached"]["median_s"]}
   return out
 
 
@@ -226,7 +257,7 @@ def markdown(out: dict, machine: dict) -> str:
   lines += ["", "| goal | target | value | met |", "| --- | ---: | ---: | --- |"]
   for name, target in goals(out["ns"]):
     v = out["ratios"][name]
-    lines.append(f"| {name} | >= {target} | {v:.2f} | {'yes' if v >= target else 'no'} |")
+    lines.append(f"| {name} | >= {target} | {v:.3f} | {'yes' if v >= target else 'no'} |")
   lines += ["", "XLA cost analysis of one decode step (deterministic): FLOPs and bytes "
             "accessed relative to the single (unstacked) adapter's.", "",
             "| decode step | FLOPs | bytes accessed |", "| --- | ---: | ---: |"]
@@ -234,6 +265,13 @@ def markdown(out: dict, machine: dict) -> str:
   for name, c in dc.items():
     lines.append(f"| {name} | {c['flops'] / dc['single']['flops']:.3f} | "
                  f"{c['bytes_accessed'] / dc['single']['bytes_accessed']:.3f} |")
+  g = out["cached"]
+  lines += ["", f"KV-cached generation (`generate_cached`) vs `generate` without a cache, "
+            f"batch {g['batch']}, {g['prompt']}-token prompt, same tokens (checked): "
+            + "; ".join(f"{n} new tokens {r['speedup']:.1f}x faster "
+                        f"({r['cached']['median_s'] * 1e3:.0f} ms vs "
+                        f"{r['uncached']['median_s'] * 1e3:.0f} ms)"
+                        for n, r in g["new_tokens"].items()) + "."]
   c = out["concat"]
   rows, d_in, d_out, rank = c["shape"]
   lines += ["", f"One concatenated matmul x·[W | A] vs x·W and x·A separately "
@@ -249,6 +287,8 @@ def parse(argv=None):
   mode = p.add_mutually_exclusive_group()
   mode.add_argument("--quick", action="store_const", dest="mode", const="quick",
                     help="d=128, 4 layers, batch 64 x 32 tokens: minutes on 2 CPU cores")
+  mode.add_argument("--wide", action="store_const", dest="mode", const="wide",
+                    help="d=1024, 2 layers, batch 64 x 16 tokens (LLM proportions)")
   mode.add_argument("--toy", action="store_const", dest="mode", const="toy",
                     help="toy sizes, seconds (the smoke test)")
   p.set_defaults(mode="full")
