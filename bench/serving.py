@@ -60,8 +60,8 @@ MODES = {
                  batch=64, prompt=64, rank=8, ns=(1, 4, 16, 64), rounds=9,
                  gen=dict(batch=4, prompt=32, new_tokens=(64, 256))),
     # LLM proportions (ff = 2.75 d, head 128): the batch's gathered factors,
-    # B·r·(d_in + d_out), are 0.7-1x a kernel's d_in·d_out (16x in "quick";
-    # 0.5x for an 8B model at B = 64, r = 16); minutes on 2 cores
+    # B·r·(d_in + d_out), are 0.7-1x a kernel's d_in·d_out (5-8x in "quick";
+    # 0.3-0.5x for an 8B model at B = 64, r = 16); minutes on 2 cores
     "wide": dict(config=dict(vocab_size=1024, hidden_size=1024, intermediate_size=2816,
                              num_hidden_layers=2, num_attention_heads=8,
                              num_key_value_heads=4, max_position_embeddings=256),
