@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax._src.quant import QuantizedWeight, is_quantized
-from lora_jax._src.transform import bind, is_lazy
+from lora_jax._src import interpreter
+from lora_jax._src.interpreter import bind, is_lazy
 from lora_jax._src.weight import LoraWeight, factor_shapes
 
 # Primitives that carry a lazy value into a sub-jaxpr unchanged.
@@ -90,3 +91,5 @@ def run(rule, ctx, eqn, invals):
 VIEWS = frozenset({
     "copy", "copy_p", "sharding_constraint", "transpose", "reshape",
     "squeeze", "slice", "dynamic_slice", "rev", "convert_element_type"})
+
+interpreter.WRAPPERS.append(run)

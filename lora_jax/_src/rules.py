@@ -1,7 +1,8 @@
 """Interpreter rules: how each primitive consumes a lazy ``W + s·A⊗B``.
 
 Every rule takes ``(ctx, eqn, invals)`` and returns the list of outputs. A
-rule that cannot keep the factored form calls ``transform.fallback``.
+rule that cannot keep the factored form calls ``interpreter.fallback``. The
+table at the end registers them with the interpreter.
 
 The reads of higher-order primitives' params (``jaxpr``, ``num_consts``, ...)
 live here and only here: their names move between JAX releases.
@@ -11,9 +12,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lora_jax._src import layout
-from lora_jax._src.transform import (ADAPTER, _Lazy, bind, concrete, eval_jaxpr, fallback,
-                                    is_lazy)
+from lora_jax._src import interpreter, layout
+from lora_jax._src.interpreter import (ADAPTER, _Lazy, bind, concrete, eval_jaxpr, fallback,
+                                       is_lazy)
 
 _LETTERS = "abcdefghijklmnopqstuvwxyzABCDEFGHIJKLMNOPQSTUVWXYZ"  # no 'r'/'R'
 
@@ -640,9 +641,10 @@ RULES = {
 }
 
 # Rules that keep a DoRA value exact: the views carry its column scale in
-# ``b`` (see ``transform._dora_factors``) and ``dot_general`` applies it. A
+# ``b`` (see ``interpreter._dora_factors``) and ``dot_general`` applies it. A
 # DoRA kernel reaching any other rule (conv, gather, ragged_dot, custom VJP)
 # gets ``W'`` formed, with the fallback's warning.
-DORA_RULES = frozenset(rule for name, rule in RULES.items() if name not in (
-    "conv_general_dilated", "gather", "ragged_dot_general", "custom_vjp_call",
-    "custom_vjp_call_jaxpr"))
+_NOT_DORA = ("conv_general_dilated", "gather", "ragged_dot_general", "custom_vjp_call",
+             "custom_vjp_call_jaxpr")
+for _name, _rule in RULES.items():
+  interpreter.register(_name, _rule, dora=_name not in _NOT_DORA)
