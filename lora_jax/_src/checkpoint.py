@@ -12,67 +12,25 @@ so a ``CheckpointManager`` step directory written with ``adapter_args`` is the
 same thing as a directory written by ``save_adapter``, and either loads with
 ``load_adapter(path_or_manager, base_params)`` and nothing else.
 
-This module is the I/O layer: the format itself (``pack`` / ``unpack``) is
-``checkpoint_format.py``, the checks of a description ``checkpoint_check.py``,
-the atomic creation and replacement of a directory ``atomic_dir.py``. Loading
-trusts nothing it reads: the description's fields, checksums and the stored
-arrays' shapes are checked before any array is restored.
+This module is the public front: ``save_adapter`` / ``load_adapter`` dispatch
+to the one-adapter writer and reader (``adapter_checkpoint.py``, which also
+holds the atomic, multi-process save protocol) or to the stack's
+(``stack_checkpoint.py``, over the same protocol). The format itself
+(``pack`` / ``unpack``) is ``checkpoint_format.py``, the checks of a
+description ``checkpoint_check.py``, the atomic creation and replacement of
+a directory ``atomic_dir.py``. Loading trusts nothing it reads: the
+description's fields, checksums and the stored arrays' shapes are checked
+before any array is restored.
 """
 
-import json
-import os
-import shutil
+import os  # noqa: F401  (the examples below use it)
 
 import orbax.checkpoint as ocp
-from etils import epath
 
-from lora_jax._src import atomic_dir, merge, stack_checkpoint, tree
-from lora_jax._src.checkpoint_check import check_arrays, check_description, seal
-from lora_jax._src.checkpoint_format import (ARRAYS, INFO, fit_errors, pack, restore_target,
-                                             unpack)
+from lora_jax._src import adapter_checkpoint, stack_checkpoint
+from lora_jax._src.adapter_checkpoint import adapter_args as adapter_args
+from lora_jax._src.adapter_checkpoint import read_description as read_description
 from lora_jax._src.types import Params
-from lora_jax._src.weight import is_node
-
-
-def adapter_args(params: Params, config=None, step: int | None = None) -> ocp.args.Composite:
-  """Orbax save args for an adapter: hand them to a ``CheckpointManager``.
-
-  The manager must be created without ``item_names`` / ``item_handlers`` (a
-  plain ``ocp.CheckpointManager(directory, options=...)``). Other items can be
-  saved in the same step: ``ocp.args.Composite(**adapter_args(p),
-  opt_state=ocp.args.StandardSave(opt_state))``; ``load_adapter`` ignores them.
-
-  Example:
-    >>> import tempfile, jax, jax.numpy as jnp, orbax.checkpoint as ocp, lora_jax as lj
-    >>> from lora_jax._src.checkpoint import adapter_args, load_adapter
-    >>> w = {"kernel": jnp.ones((4, 3))}
-    >>> p = lj.lora_init(jax.random.key(0), w, lj.LoraConfig(rank=2, targets="kernel"))
-    >>> mngr = ocp.CheckpointManager(tempfile.mkdtemp(),
-    ...     options=ocp.CheckpointManagerOptions(max_to_keep=2))
-    >>> for step in range(4):                       # a training loop's periodic save
-    ...     _ = mngr.save(step, args=adapter_args(p, step=step))
-    >>> mngr.wait_until_finished(); mngr.all_steps()
-    [2, 3]
-    >>> load_adapter(mngr, w)["kernel"].rank         # the latest step
-    2
-  """
-  arrays, description = pack(params, config, step)
-  description = seal(description)
-  return ocp.args.Composite(**{ARRAYS: ocp.args.StandardSave(arrays),
-                               INFO: ocp.args.JsonSave(description)})
-
-
-def publish(tmp: str, final: str, overwrite: bool) -> None:
-  """Move a complete checkpoint ``tmp`` to ``final``: swapped in atomically
-  with ``overwrite``, else created only if nothing is there (a racing writer
-  that got there first is a ``FileExistsError``)."""
-  if overwrite:
-    atomic_dir.swap_in(tmp, final)
-    return
-  try:
-    atomic_dir.create(tmp, final)
-  except FileExistsError:
-    raise _exists(final, raced=True) from None
 
 
 def save_adapter(directory, params: Params, step: int | None = None, config=None,
@@ -91,6 +49,15 @@ def save_adapter(directory, params: Params, step: int | None = None, config=None
   An adapter whose checkpoint would be refused on loading (factors of a
   non-floating dtype, a scale <= 0, a dropout outside [0, 1)) is not saved.
 
+  With several processes (``jax.distributed``) every process calls it, with
+  the same directory and the same params (global arrays): each process
+  writes its shards of the factors through Orbax, process 0 alone moves the
+  checkpoint into place, and every call returns once it is there. The
+  guarantees above hold as on one process. Processes that pass different
+  directories or params all raise ``ValueError``; a process that never calls
+  it makes the others raise ``TimeoutError`` after ``LORA_JAX_SYNC_TIMEOUT``
+  seconds (default 300) instead of waiting forever.
+
   Args:
     directory: where to save, or an ``ocp.CheckpointManager`` (then ``step`` is
       required and the manager's options apply: ``max_to_keep``,
@@ -108,7 +75,9 @@ def save_adapter(directory, params: Params, step: int | None = None, config=None
   Raises:
     FileExistsError: the target exists (or another save created it first)
       and ``overwrite`` is False; nothing was written.
-    ValueError: the params hold no adapter, or one that could not be loaded.
+    ValueError: the params hold no adapter, or one that could not be loaded;
+      or (several processes) the processes passed different arguments.
+    TimeoutError: (several processes) some process did not call it in time.
 
   Example:
     >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
@@ -126,157 +95,7 @@ def save_adapter(directory, params: Params, step: int | None = None, config=None
       raise ValueError("save_adapter: a stack of adapters (lj.stack_adapters) saves "
                        "to a directory, without step= or a CheckpointManager")
     return stack_checkpoint.save_stack(directory, params, overwrite=overwrite)
-  if isinstance(directory, ocp.CheckpointManager):
-    if step is None or overwrite:
-      raise ValueError("save_adapter(manager, ...) needs step= and saves a new "
-                       "step only (use manager.delete(step) to replace one)")
-    directory.save(step, args=adapter_args(params, config, step))
-    directory.wait_until_finished()
-    return os.fspath(directory.directory)
-  final = os.fspath(directory)
-  final = os.path.abspath(final if step is None else os.path.join(final, str(step)))
-  if os.path.exists(final) and not overwrite:
-    raise _exists(final)
-  os.makedirs(os.path.dirname(final), exist_ok=True)
-  atomic_dir.clean_stale(final)
-  args = adapter_args(params, config, step)
-  with atomic_dir.writing(final) as tmp:
-    ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(tmp, args=args)
-    publish(tmp, final, overwrite)
-  shutil.rmtree(atomic_dir.previous(final), ignore_errors=True)  # an interrupted swap's
-  return final
-
-
-def _exists(final: str, raced: bool = False) -> FileExistsError:
-  when = " (another save created it while this one was writing)" if raced else ""
-  return FileExistsError(f"save_adapter: {final} already exists{when}; nothing was "
-                         "written. Pass overwrite=True to replace it (done atomically) "
-                         "or save to another path")
-
-
-def _steps(path: str) -> list[int]:
-  if not os.path.isdir(path):
-    return []
-  return sorted(int(n) for n in os.listdir(path)
-                if n.isdigit() and os.path.isdir(os.path.join(path, n, INFO)))
-
-
-def _describe_dir(path: str) -> str:
-  names = sorted(os.listdir(path))[:8]
-  return f"found {names}" if names else "found an empty directory"
-
-
-def _manager_step(mngr: ocp.CheckpointManager, step: int | None) -> str:
-  """The directory of ``step`` (latest if None) of a CheckpointManager."""
-  step = mngr.latest_step() if step is None else step
-  if step is None or step not in mngr.all_steps():
-    raise FileNotFoundError(f"load_adapter: no step {step} in the manager at "
-                            f"{mngr.directory}; steps: {list(mngr.all_steps())}")
-  find = getattr(mngr, "_get_read_step_directory", None)  # honours step_name_format
-  if find is not None:
-    return os.fspath(find(step, epath.Path(mngr.directory)))
-  return os.path.join(os.fspath(mngr.directory), str(step))
-
-
-def _resolve(directory, step: int | None) -> str:
-  """The checkpoint directory for a path, a directory of steps, or a manager."""
-  if isinstance(directory, ocp.CheckpointManager):
-    path = _manager_step(directory, step)
-  else:
-    path = os.path.abspath(os.fspath(directory))
-    if not os.path.exists(path):
-      old = atomic_dir.previous(path)
-      hint = (f"; a save was interrupted while replacing it: the previous "
-              f"checkpoint is intact at {old}") if os.path.isdir(old) else ""
-      raise FileNotFoundError(f"load_adapter: no checkpoint at {path}{hint}")
-    if not os.path.isdir(path):
-      raise ValueError(f"{path} is a file, not a lora_jax adapter checkpoint: expected "
-                       f"the directory save_adapter writes ('{INFO}/metadata' and "
-                       f"'{ARRAYS}/')")
-    if step is not None or not os.path.isdir(os.path.join(path, INFO)):
-      path = _step_dir(path, step)
-  if not os.path.isfile(os.path.join(path, INFO, "metadata")):
-    raise ValueError(
-        f"{path} is not a lora_jax adapter checkpoint: expected "
-        f"'{INFO}/metadata' and '{ARRAYS}/' (written by save_adapter) or step "
-        f"subdirectories holding them; {_describe_dir(path)}")
-  if not os.path.isdir(os.path.join(path, ARRAYS)):
-    raise ValueError(
-        f"{path}: the checkpoint has no '{ARRAYS}/' directory (its A, B and trained "
-        f"values); expected '{INFO}/' and '{ARRAYS}/' as save_adapter writes them, "
-        f"{_describe_dir(path)}. The checkpoint is incomplete: save the adapter again.")
-  return path
-
-
-def _step_dir(path: str, step: int | None) -> str:
-  """``path/<step>`` (the latest step if None), or ``path`` when it has no steps."""
-  steps = _steps(path)
-  if step is None and steps:
-    step = steps[-1]
-  if step is None:
-    return path
-  if step not in steps:
-    raise FileNotFoundError(f"load_adapter: no step {step} under {path}; "
-                            f"steps found: {steps}")
-  return os.path.join(path, str(step))
-
-
-def _read_description(path: str) -> dict:
-  """The checked JSON description of the checkpoint directory ``path``."""
-  file = os.path.join(path, INFO, "metadata")
-  with open(file, "rb") as f:
-    raw = f.read()
-  try:
-    info = json.loads(raw)
-  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-    raise ValueError(
-        f"{file}: the adapter description is not valid JSON ({e}); expected the "
-        f"JSON object save_adapter writes, found {len(raw)} bytes starting "
-        f"{raw[:40]!r}. The file is damaged or truncated: restore it or save the "
-        "adapter again.") from None
-  check_description(info, file)
-  return info
-
-
-def _cause(e: Exception) -> str:
-  """An Orbax / TensorStore error, short: its type and first 300 characters."""
-  text = str(e).split(" [tensorstore_spec=")[0]
-  return f"{type(e).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
-
-
-def _read_arrays(path: str, info: dict, leaves: dict) -> dict:
-  """The arrays of the checkpoint at ``path``, checked against ``info`` first."""
-  where = os.path.join(path, ARRAYS)
-  handler = ocp.StandardCheckpointHandler()
-  try:
-    stored = handler.metadata(epath.Path(where)).tree
-  except Exception as e:  # Orbax raises many kinds; each means a damaged item
-    raise ValueError(f"{where}: cannot read the stored arrays' metadata "
-                     f"({_cause(e)}); expected the Orbax item save_adapter "
-                     "writes. The checkpoint is damaged: save the adapter again.") from e
-  check_arrays(info["entries"], stored, where)
-  target = restore_target(info["entries"], leaves)
-  args = ocp.args.Composite(**{ARRAYS: ocp.args.StandardRestore(target)})
-  try:
-    return ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(path, args=args)[ARRAYS]
-  except Exception as e:
-    raise ValueError(f"{where}: reading the arrays failed ({_cause(e)}). "
-                     "The checkpoint is damaged: save the adapter again.") from e
-
-
-def read_description(directory, step: int | None = None) -> dict:
-  """The JSON description of a checkpoint (paths, ranks, shapes, config).
-
-  Example:
-    >>> import tempfile, jax, jax.numpy as jnp, lora_jax as lj
-    >>> from lora_jax._src.checkpoint import save_adapter, read_description
-    >>> p = lj.lora_init(jax.random.key(0), {"kernel": jnp.ones((4, 3))},
-    ...                  lj.LoraConfig(rank=2, targets="kernel"))
-    >>> info = read_description(save_adapter(tempfile.mkdtemp() + "/a", p))
-    >>> info["entries"]["kernel"]["a"]
-    {'shape': [4, 2], 'dtype': 'float32'}
-  """
-  return _read_description(_resolve(directory, step))
+  return adapter_checkpoint.save_one(directory, params, step, config, overwrite=overwrite)
 
 
 def load_adapter(directory, base_params: Params, step: int | None = None) -> Params:
@@ -320,15 +139,4 @@ def load_adapter(directory, base_params: Params, step: int | None = None) -> Par
   """
   if step is None and stack_checkpoint.is_stack_dir(directory):
     return stack_checkpoint.load_stack(directory, base_params)
-  path = _resolve(directory, step)
-  info = _read_description(path)
-  base_params = merge.base(base_params)
-  leaves = dict(tree.flatten(base_params, is_leaf=is_node)[0])  # a QuantizedWeight whole
-  errors = fit_errors(info["entries"], leaves)
-  if errors:
-    missing = any("not in the base params" in e for e in errors)
-    raise ValueError(
-        f"load_adapter: the checkpoint at {path} does not fit the base params:\n  "
-        + "\n  ".join(errors)
-        + (f"\nPaths that exist:{tree.some_paths(sorted(leaves))}" if missing else ""))
-  return unpack(_read_arrays(path, info, leaves), info, base_params)
+  return adapter_checkpoint.load_one(directory, base_params, step)

@@ -9,7 +9,9 @@ Layout (written atomically, as ``save_adapter`` writes one adapter)::
 
 so every member also loads on its own with ``load_adapter(directory/<i>, base)``
 and exports to PEFT like any adapter. ``save_adapter`` / ``load_adapter``
-dispatch here when the params hold a stack / the directory holds a stack.
+dispatch here when the params hold a stack / the directory holds a stack;
+the members are written and read by ``adapter_checkpoint.py``, the whole
+published by its atomic (multi-process) save.
 """
 
 import json
@@ -17,7 +19,7 @@ import os
 
 import numpy as np
 
-from lora_jax._src import atomic_dir, tree
+from lora_jax._src import adapter_checkpoint, merge, multihost, tree
 from lora_jax._src.stack import (StackedLora, attach_stack, is_stack, stack_adapters,
                                  unstack_adapters)
 
@@ -42,23 +44,30 @@ def _summary(members: dict) -> dict:
 
 
 def save_stack(directory, params, *, overwrite: bool = False) -> str:
-  """Save every member of the stack in ``params``; the path written."""
-  from lora_jax._src import checkpoint  # checkpoint dispatches here
+  """Save every member of the stack in ``params``; the path written.
+
+  One atomic save (``adapter_checkpoint.save_atomically``, on one process or
+  many) of a directory holding each member's adapter checkpoint.
+  """
   members = unstack_adapters(params)
-  final = os.path.abspath(os.fspath(directory))
-  if os.path.exists(final) and not overwrite:
-    raise checkpoint._exists(final)
-  os.makedirs(os.path.dirname(final), exist_ok=True)
-  atomic_dir.clean_stale(final)
+  args = [adapter_checkpoint.adapter_args(ad) for ad in members.values()]
   info = {"format": FORMAT, "version": VERSION, "names": list(members),
           "members": [str(i) for i in range(len(members))], "adapters": _summary(members)}
-  with atomic_dir.writing(final) as tmp:
-    for i, ad in enumerate(members.values()):
-      checkpoint.save_adapter(os.path.join(tmp, str(i)), ad)
-    with open(os.path.join(tmp, FILE), "w") as f:
-      json.dump(info, f, indent=1)
-    checkpoint.publish(tmp, final, overwrite)
-  return final
+  lines = [f"{n}/{line}" for n, a in zip(members, args)
+           for line in adapter_checkpoint.fingerprint(a)]
+
+  def write_into(tmp: str) -> None:
+    multihost.on_primary("save_adapter", lambda: os.makedirs(tmp))
+    for i, a in enumerate(args):
+      adapter_checkpoint.write(os.path.join(tmp, str(i)), a)
+
+    def describe() -> None:
+      with open(os.path.join(tmp, FILE), "w") as f:
+        json.dump(info, f, indent=1)
+    multihost.on_primary("save_adapter", describe)
+
+  return adapter_checkpoint.save_atomically(os.fspath(directory), write_into,
+                                            overwrite=overwrite, params_lines=lines)
 
 
 def _read(path: str) -> dict:
@@ -92,13 +101,12 @@ def _read(path: str) -> dict:
 
 def load_stack(directory, base_params):
   """Load a stack saved by ``save_stack`` onto ``base_params``."""
-  from lora_jax._src import checkpoint, merge
   path = os.path.abspath(os.fspath(directory))
   info = _read(path)
   base = merge.base(_unstacked(base_params))
   members = []
   for name, d in zip(info["names"], info["members"]):
-    ad = merge.adapter(checkpoint.load_adapter(os.path.join(path, d), base))
+    ad = merge.adapter(adapter_checkpoint.load_one(os.path.join(path, d), base))
     want = info["adapters"][name]
     got = _summary({name: ad})[name]
     if _rounded(got) != _rounded(want):

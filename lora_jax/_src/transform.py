@@ -103,7 +103,8 @@ def _adapter_ids(dynamic, ids):
   if len(shape) != 1:
     raise ValueError(f"lora: adapter_ids must be 1-D (one entry per example), got "
                      f"shape {tuple(shape)}")
-  if not isinstance(ids, jax.core.Tracer):
+  # ids spread over several processes cannot be read here; like traced ids, unchecked
+  if not isinstance(ids, jax.core.Tracer) and getattr(ids, "is_fully_addressable", True):
     bad = [int(i) for i in np.asarray(ids) if not -1 <= int(i) < n]
     if bad:
       raise ValueError(f"lora: adapter_ids {bad[:5]} are out of range: the stack holds "
