@@ -227,18 +227,25 @@ def gather_adapter(params: Any) -> Any:
       treedef, [gather(x) if mine else x for (_, x), mine in zip(leaves, own)])
 
 
-def export(what: str, directory: Any, tree: Any, write: Callable[[Any], Sequence[str]],
-           *, whole: Callable[[Any], Any] = gather) -> list[str]:
-  """Write files from every process's call: process 0 writes, all return the paths.
+def gathered(what: str, directory: Any, tree: Any,
+             whole: Callable[[Any], Any] = gather) -> Any:
+  """``whole(tree)`` once every process passed the same ``directory`` and structure.
 
-  The processes agree on ``directory`` and ``tree``'s structure (``agree``),
-  gather the arrays they need whole (``whole(tree)``, a collective), process 0
-  runs ``write(whole_tree)``, which returns the paths written, and all wait
-  for it. With one process: ``write(tree)``.
+  The first half of a multi-process file export: every process calls it
+  (``agree``, then the collective gather); then each packs the tensors, so a
+  bad input raises on every process alike, and ``write_once`` writes them.
   """
   agree(what, {"directory": os.path.abspath(os.fspath(directory)),
                "params": summary(tree)})
-  tree = whole(tree)
-  written = on_primary(what, lambda: [os.fspath(f) for f in write(tree)])
+  return whole(tree)
+
+
+def write_once(what: str, write: Callable[[], Sequence[Any]]) -> list[str]:
+  """Run ``write`` on process 0 only; every process gets the paths it wrote.
+
+  The second half of a multi-process export (see ``gathered``); all processes
+  wait for the files before returning. With one process: ``write()``.
+  """
+  written = on_primary(what, lambda: [os.fspath(f) for f in write()])
   barrier(what)
   return written

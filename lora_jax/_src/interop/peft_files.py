@@ -9,6 +9,7 @@ import json
 import os
 from typing import Any, Callable, Mapping, Sequence
 
+from lora_jax._src import multihost
 from lora_jax._src.inits import to_lora
 from lora_jax._src.interop.files import read_json, read_state_dict, write_state_dict
 from lora_jax._src.interop.peft_format import validate_config
@@ -121,7 +122,10 @@ def save_peft_adapter(adapter_dir: str | os.PathLike, params: Any, name_map: Nam
   Writes ``adapter_config.json`` (explicit ``target_modules``; ``r``,
   ``lora_alpha`` and, where modules differ, ``rank_pattern`` /
   ``alpha_pattern``) and ``adapter_model.safetensors`` (metadata
-  ``{"format": "pt"}``). See ``pack_peft`` for the arguments.
+  ``{"format": "pt"}``). See ``pack_peft`` for the arguments. With several
+  processes (``jax.distributed``) every process calls it: the factors are
+  gathered whole and process 0 writes the files, the same bytes as one
+  process would.
 
   Returns:
     The paths written.
@@ -137,11 +141,16 @@ def save_peft_adapter(adapter_dir: str | os.PathLike, params: Any, name_map: Nam
   """
   if initial is not None:
     params = to_lora(params, initial)
+  what = "save_peft_adapter"  # several processes: all call it, process 0 writes
+  params = multihost.gathered(what, adapter_dir, params, multihost.gather_adapter)
   config, tensors = pack_peft(params, name_map, use_rslora=use_rslora, task_type=task_type,
                               base_model_name_or_path=base_model_name_or_path, shapes=shapes)
   adapter_dir = os.fspath(adapter_dir)
-  os.makedirs(adapter_dir, exist_ok=True)
-  cfg_file = os.path.join(adapter_dir, ADAPTER_CONFIG)
-  with open(cfg_file, "w") as f:
-    json.dump(config, f, indent=2)
-  return [cfg_file] + write_state_dict(tensors, os.path.join(adapter_dir, ADAPTER_WEIGHTS))
+
+  def write() -> list[str]:
+    os.makedirs(adapter_dir, exist_ok=True)
+    cfg_file = os.path.join(adapter_dir, ADAPTER_CONFIG)
+    with open(cfg_file, "w") as f:
+      json.dump(config, f, indent=2)
+    return [cfg_file] + write_state_dict(tensors, os.path.join(adapter_dir, ADAPTER_WEIGHTS))
+  return multihost.write_once(what, write)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._src import multihost
 from lora_jax._src.interop.convert import pack_state_dict, unpack_state_dict
 from lora_jax._src.interop.files import read_json, read_state_dict, write_state_dict
 from lora_jax._src.interop.names import as_name_map
@@ -144,6 +145,10 @@ def save_hf_llama(params: Any, config: LlamaConfig, directory: str | os.PathLike
                   *, dtype: Any = None, max_shard_size: int | None = None) -> list[str]:
   """Write ``config.json`` + safetensors that ``LlamaForCausalLM.from_pretrained`` loads.
 
+  With several processes (``jax.distributed``) every process calls it: each
+  tensor is gathered whole (every process holds the full model in host
+  memory for the moment) and process 0 writes the files.
+
   Returns:
     The paths written.
 
@@ -155,12 +160,16 @@ def save_hf_llama(params: Any, config: LlamaConfig, directory: str | os.PathLike
     ['config.json', 'model.safetensors']
   """
   directory = os.fspath(directory)
-  os.makedirs(directory, exist_ok=True)
+  params = multihost.gathered("save_hf_llama", directory, params)  # several processes
   hf = config.to_hf_dict()
   if dtype is not None:
     hf["torch_dtype"] = jnp.dtype(dtype).name
-  cfg_path = os.path.join(directory, "config.json")
-  with open(cfg_path, "w") as f:
-    json.dump(hf, f, indent=2)
   state = to_hf_state_dict(params, config, dtype=dtype)
-  return [cfg_path] + write_state_dict(state, directory, max_shard_size=max_shard_size)
+
+  def write() -> list[str]:
+    os.makedirs(directory, exist_ok=True)
+    cfg_path = os.path.join(directory, "config.json")
+    with open(cfg_path, "w") as f:
+      json.dump(hf, f, indent=2)
+    return [cfg_path] + write_state_dict(state, directory, max_shard_size=max_shard_size)
+  return multihost.write_once("save_hf_llama", write)
