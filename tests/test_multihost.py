@@ -51,33 +51,69 @@ def _mesh():
   return jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
+def _finish(procs, logs, until=None):
+  """Wait for a launch (or, with ``until``, for that file, then kill it); exit codes."""
+  deadline = time.monotonic() + LIMIT_S
+  try:
+    while until is not None and not until.exists():
+      assert all(p.poll() is None for p in procs), f"a process ended\n{_logs(logs)}"
+      assert time.monotonic() < deadline, f"the processes took too long\n{_logs(logs)}"
+      time.sleep(0.05)
+  finally:
+    codes = mt.wait(procs, max(0.0, deadline - time.monotonic()) if until is None else 0)
+  return codes
+
+
 @pytest.fixture(scope="module")
-def example(tmp_path_factory):
-  """The example's --fast run on 2 processes: (its args, its output directory)."""
-  out = tmp_path_factory.mktemp("example")
-  argv = ["--fast", "--quiet", "--out", str(out), "--num-processes", "2"]
-  logs = str(tmp_path_factory.mktemp("example-logs"))
-  procs = mt.spawn(mt.__file__, argv, 2, 4, logs, env={"LORA_JAX_SYNC_TIMEOUT": "60"})
-  codes = mt.wait(procs, LIMIT_S)
-  assert codes == [0, 0], f"exit codes {codes}\n{_logs(logs)}"
-  return mt.parse(argv), out
+def runs(tmp_path_factory):
+  """Both 2-process launches, run side by side, and the one-process reference run.
+
+  The example (``--fast``) and the worker start together; while they run,
+  this process trains the same model on its own 8 devices.
+  """
+  ex_out, wk_out = tmp_path_factory.mktemp("example"), tmp_path_factory.mktemp("worker")
+  ex_logs, wk_logs = (str(tmp_path_factory.mktemp(n)) for n in ("example-logs", "worker-logs"))
+  argv = ["--fast", "--quiet", "--out", str(ex_out), "--num-processes", "2"]
+  ex = mt.spawn(mt.__file__, argv, 2, 4, ex_logs, env={"LORA_JAX_SYNC_TIMEOUT": "60"})
+  try:
+    wk = mt.spawn(str(HERE / "multihost_worker.py"), [str(wk_out)], 2, 4, wk_logs)
+  except BaseException:
+    mt.wait(ex, 0)
+    raise
+  try:
+    args = mt.parse(argv)
+    model, cfg, _, lparams, data = mt.setup(args, _mesh())
+    trained, losses = mt.train(args, model, lparams, data, cfg.vocab_size)
+  finally:
+    ex_codes = _finish(ex, ex_logs)
+    wk_codes = _finish(wk, wk_logs, until=wk_out / "hanging")  # then killed by PID
+  assert ex_codes == [0, 0], f"exit codes {ex_codes}\n{_logs(ex_logs)}"
+  assert wk_codes == [-9, -9], f"exit codes {wk_codes}\n{_logs(wk_logs)}"
+  reports = [json.loads((wk_out / f"report-{i}.json").read_text()) for i in range(2)]
+  return {"args": args, "out": ex_out, "model": model, "cfg": cfg, "data": data,
+          "base": lj.base(trained), "losses": losses, "worker": wk_out, "reports": reports}
 
 
-def test_training_equals_one_process(example):
-  args, out = example
-  result = json.loads((out / "result.json").read_text())
+def test_example_help(capsys):
+  with pytest.raises(SystemExit) as e:
+    mt.parse(["--help"])
+  assert e.value.code == 0
+  text = capsys.readouterr().out
+  for flag in ("--num-processes", "--process-id", "--coordinator-address", "--fast"):
+    assert flag in text
+
+
+def test_training_equals_one_process(runs):
+  result = json.loads((runs["out"] / "result.json").read_text())
   assert result["processes"] == 2 and result["mesh"] == [2, 4]
   assert result["reloaded_equal"]
-  model, cfg, _, lparams, data = mt.setup(args, _mesh())
-  _, losses = mt.train(args, model, lparams, data, cfg.vocab_size)
-  np.testing.assert_allclose(result["losses"], losses, rtol=1e-5)
+  np.testing.assert_allclose(result["losses"], runs["losses"], rtol=1e-5)
 
 
-def test_checkpoint_loads_in_one_process_and_exports_equal(example, tmp_path):
+def test_checkpoint_loads_in_one_process_and_exports_equal(runs, tmp_path):
   from lora_jax.interop import peft
   from lora_jax.models import llama_name_map, save_hf_llama
-  args, out = example
-  model, cfg, base, _, data = mt.setup(args, _mesh())
+  out, cfg, base = runs["out"], runs["cfg"], runs["base"]
   back = lj.load_adapter(out / "adapter", base)  # written by 2 processes, read by 1
   assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(lj.adapter(back)))
   peft.save_peft_adapter(tmp_path / "peft", back, llama_name_map())
@@ -88,8 +124,8 @@ def test_checkpoint_loads_in_one_process_and_exports_equal(example, tmp_path):
     assert names == sorted(os.listdir(tmp_path / d)) and names
     match, mismatch, errors = filecmp.cmpfiles(out / d, tmp_path / d, names, shallow=False)
     assert (mismatch, errors) == ([], []), d
-  tokens = mt.global_batch(10_000, args, cfg.vocab_size, data)
-  logits = jax.jit(model.apply)({"params": merged}, tokens[:, :-1])
+  tokens = mt.global_batch(10_000, runs["args"], cfg.vocab_size, runs["data"])
+  logits = jax.jit(runs["model"].apply)({"params": merged}, tokens[:, :-1])
   np.testing.assert_allclose(np.load(out / "logits.npy"), logits, rtol=1e-5, atol=1e-6)
   # and onto other meshes, or no mesh at all
   for shape in ((1, 8), (8, 1)):
@@ -100,25 +136,15 @@ def test_checkpoint_loads_in_one_process_and_exports_equal(example, tmp_path):
     for x, y in zip(jax.tree.leaves(lj.adapter(lj.load_adapter(out / "adapter", on))),
                     jax.tree.leaves(lj.adapter(back))):
       np.testing.assert_array_equal(x, y)
+  host = jax.tree.map(np.asarray, base)
+  for x, y in zip(jax.tree.leaves(lj.adapter(lj.load_adapter(out / "adapter", host))),
+                  jax.tree.leaves(lj.adapter(back))):
+    np.testing.assert_array_equal(x, y)
 
 
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-  """The worker's 2 processes, killed by PID once they hang in their last save."""
-  out = tmp_path_factory.mktemp("worker")
-  logs = str(tmp_path_factory.mktemp("worker-logs"))
-  procs = mt.spawn(str(HERE / "multihost_worker.py"), [str(out)], 2, 4, logs)
-  deadline = time.monotonic() + LIMIT_S
-  try:
-    while not (out / "hanging").exists():
-      assert all(p.poll() is None for p in procs), f"a worker ended\n{_logs(logs)}"
-      assert time.monotonic() < deadline, f"the workers took too long\n{_logs(logs)}"
-      time.sleep(0.05)
-  finally:
-    codes = mt.wait(procs, 0)  # kills both by PID
-  assert codes == [-9, -9]
-  reports = [json.loads((out / f"report-{i}.json").read_text()) for i in range(2)]
-  return out, reports
+@pytest.fixture
+def worker(runs):
+  return runs["worker"], runs["reports"]
 
 
 def _base():

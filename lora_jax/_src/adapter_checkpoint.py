@@ -136,6 +136,7 @@ def save_one(directory, params: Params, step: int | None = None, config=None,
                                      "step": step, "params": fingerprint(args)})
     directory.save(step, args=args)
     directory.wait_until_finished()
+    multihost.barrier("save_adapter")
     return os.fspath(directory.directory)
   final = os.fspath(directory)
   final = final if step is None else os.path.join(final, str(step))

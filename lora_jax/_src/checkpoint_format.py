@@ -179,14 +179,21 @@ def _factor_shardings(leaf, roles: str) -> tuple[Any, Any]:
 
 
 def restore_target(entries: dict, leaves: dict) -> dict:
-  """The restore target: ShapeDtypeStructs with shardings from the base."""
+  """The restore target: ShapeDtypeStructs with shardings from the base.
+
+  A base leaf that is no ``jax.Array`` (numpy) gives this process's first
+  device, never the sharding recorded at saving time (whose devices may not
+  exist here: another mesh, another number of processes).
+  """
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = {}
   for path, e in entries.items():
     leaf = leaves[path]
     if e["kind"] == "trainable":
-      shardings = {"value": getattr(leaf, "sharding", None)}
+      shardings = {"value": getattr(leaf, "sharding", None) or here}
     else:
       shardings = dict(zip(("a", "b"), _factor_shardings(leaf, e["roles"])))
+      shardings = {n: sh or here for n, sh in shardings.items()}
       if "m" in e:  # DoRA's magnitude (small): replicated where b is placed
         sb = shardings["b"]
         shardings["m"] = _replicated(sb) if isinstance(sb, jax.sharding.Sharding) else sb
