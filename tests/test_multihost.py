@@ -64,8 +64,7 @@ def _finish(procs, logs, until=None):
   return codes
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def _launch_all(tmp_path_factory):
   """Both 2-process launches, run side by side, and the one-process reference run.
 
   The example (``--fast``) and the worker start together; while they run,
@@ -103,14 +102,14 @@ def test_example_help(capsys):
     assert flag in text
 
 
-def test_training_equals_one_process(runs):
+def _training_equals_one_process(runs):
   result = json.loads((runs["out"] / "result.json").read_text())
   assert result["processes"] == 2 and result["mesh"] == [2, 4]
   assert result["reloaded_equal"]
   np.testing.assert_allclose(result["losses"], runs["losses"], rtol=1e-5)
 
 
-def test_checkpoint_loads_in_one_process_and_exports_equal(runs, tmp_path):
+def _checkpoint_loads_in_one_process_and_exports_equal(runs, tmp_path):
   from lora_jax.interop import peft
   from lora_jax.models import llama_name_map, save_hf_llama
   out, cfg, base = runs["out"], runs["cfg"], runs["base"]
@@ -142,18 +141,13 @@ def test_checkpoint_loads_in_one_process_and_exports_equal(runs, tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
-@pytest.fixture
-def worker(runs):
-  return runs["worker"], runs["reports"]
-
-
 def _base():
   w = np.arange(8 * 16, dtype=np.float32).reshape(8, 16) / 100
   return {"dense": {"kernel": jnp.asarray(w)}, "norm": jnp.ones(16)}
 
 
-def test_every_save_form_from_two_processes(worker):
-  out, reports = worker
+def _every_save_form_from_two_processes(runs):
+  out, reports = runs["worker"], runs["reports"]
   for r in reports:  # each process saw the same outcome
     assert r["factor_shardings"] == ["P('data', None)", "P(None, 'model')"]
     assert r["load_shardings"] == r["factor_shardings"]
@@ -173,9 +167,9 @@ def test_every_save_form_from_two_processes(worker):
   assert not [n for n in listing if n.startswith(("dir", "local", "lonely"))], listing
 
 
-def test_stack_and_ids_over_two_processes_match_one(worker, tmp_path):
+def _stack_and_ids_over_two_processes_match_one(runs, tmp_path):
   from lora_jax.interop import peft
-  out, reports = worker
+  out, reports = runs["worker"], runs["reports"]
   stack = lj.load_adapter(out / "s", _base())
   ids = jnp.asarray([0, 1, -1, 1, 0, 1, 1, 0])
   x = np.linspace(-1, 1, 8 * 8, dtype=np.float32).reshape(8, 8)
@@ -190,8 +184,8 @@ def test_stack_and_ids_over_two_processes_match_one(worker, tmp_path):
     assert filecmp.cmpfiles(mine, theirs, names, shallow=False)[0] == names
 
 
-def test_bad_input_fails_on_every_process(worker):
-  out, reports = worker
+def _bad_input_fails_on_every_process(runs):
+  out, reports = runs["worker"], runs["reports"]
   for me, r in enumerate(reports):
     assert r["different_dirs"] == (
         "ValueError: save_adapter: the 2 processes passed different arguments: directory: "
@@ -207,8 +201,8 @@ def test_bad_input_fails_on_every_process(worker):
   assert 3 <= reports[0]["missing_process_s"] < 30
 
 
-def test_killed_save_leaves_the_previous_checkpoint(worker):
-  out, _ = worker
+def _killed_save_leaves_the_previous_checkpoint(runs):
+  out = runs["worker"]
   assert [n for n in os.listdir(out) if n.startswith("a.lora_jax-tmp-")], \
       "the kill should land while the new checkpoint is being written"
   expected = np.load(out / "expected-0.npz")
@@ -219,3 +213,15 @@ def test_killed_save_leaves_the_previous_checkpoint(worker):
   p = lj.load_adapter(out / "a", _base())
   lj.save_adapter(out / "a", p, overwrite=True)  # cleans the dead writers' directory
   assert not [n for n in os.listdir(out) if ".lora_jax-tmp-" in n]
+
+
+def test_two_processes_against_one(tmp_path_factory, tmp_path):
+  """One test, so that pytest-xdist runs the launches once (a module fixture would
+  run once per xdist worker)."""
+  runs = _launch_all(tmp_path_factory)
+  _training_equals_one_process(runs)
+  _checkpoint_loads_in_one_process_and_exports_equal(runs, tmp_path / "one")
+  _every_save_form_from_two_processes(runs)
+  _stack_and_ids_over_two_processes_match_one(runs, tmp_path / "stack")
+  _bad_input_fails_on_every_process(runs)
+  _killed_save_leaves_the_previous_checkpoint(runs)
