@@ -21,7 +21,8 @@ process, which is what Orbax expects:
 Run:
   python examples/multihost_training.py --num-processes 2
       tries it on one machine: 2 local processes x 4 simulated CPU devices
-      (this script starts both and prints process 0's output; about 30 s).
+      (this script starts both and prints process 0's output; about 90 s on a
+      busy 2-core machine).
   python examples/multihost_training.py --coordinator-address host0:1234 \\
       --num-processes 4 --process-id $RANK
       a cluster: the same command on every host, each with its own id

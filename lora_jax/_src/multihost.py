@@ -235,6 +235,8 @@ def gathered(what: str, directory: Any, tree: Any,
   (``agree``, then the collective gather); then each packs the tensors, so a
   bad input raises on every process alike, and ``write_once`` writes them.
   """
+  if not is_multiprocess():
+    return tree
   agree(what, {"directory": os.path.abspath(os.fspath(directory)),
                "params": summary(tree)})
   return whole(tree)
