@@ -25,7 +25,6 @@ def main():
   args = multihost_training.parse(sys.argv[2:])
   multihost_training.connect(args)
   import jax
-  import jax.numpy as jnp
   import numpy as np
   import orbax.checkpoint as ocp
   from jax.sharding import NamedSharding, PartitionSpec as P
