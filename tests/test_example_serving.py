@@ -31,6 +31,7 @@ def test_help_lists_every_flag_with_help_text(monkeypatch, capsys):
   assert not missing, f"flags without help text: {missing}"
 
 
+@pytest.mark.slow  # runs the example end to end
 def test_mixed_batch_rows_equal_each_adapter_alone(tmp_path, capsys):
   r = mas.main(["--fast", "--quiet", "--out", str(tmp_path)])
   rows = r["rows"]
