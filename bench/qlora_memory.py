@@ -31,6 +31,8 @@ import optax
 import lora_jax as lj
 from lora_jax.models import Llama, LlamaConfig, init_params
 
+from bench.cli import HelpFormatter
+
 TARGETS = r".*(q|k|v|o|gate|up|down)_proj/kernel"
 GiB = 2 ** 30
 
@@ -161,11 +163,11 @@ def markdown(shape: str, tokens: int, res: dict, platform: str) -> str:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m bench.qlora_memory", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=HelpFormatter)
   p.add_argument("--shape", choices=sorted(SHAPES), default="8b", help="model shape")
   p.add_argument("--tokens", type=int, default=2048, help="sequence length (batch 1)")
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
-                 help="directory for the .md and .json")
+                 help="directory for the .md and .json (default: bench/results)")
   args = p.parse_args(argv)
   platform = jax.devices()[0].platform
   res = measure(args.shape, args.tokens)

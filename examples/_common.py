@@ -9,12 +9,24 @@ import numpy as np
 from tqdm.auto import tqdm
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+  """Appends ``(default: X)`` to every option that takes a value. An option
+  whose default is ``None`` (decided later, e.g. by ``--fast``) states its
+  default in its own help text."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    if action.nargs == 0 or action.default is None or "(default:" in text:
+      return text
+    return super()._get_help_string(action)
+
+
 def parser(description: str, out: str = "out",
            out_help: str = "directory for the PNG figures") -> argparse.ArgumentParser:
   """An ArgumentParser with the flags every example takes."""
   p = argparse.ArgumentParser(
       description=description,
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+      formatter_class=HelpFormatter)
   p.add_argument("--out", default=out, help=out_help)
   p.add_argument("--seed", type=int, default=0, help="PRNG seed")
   p.add_argument("--fast", action="store_true",

@@ -314,17 +314,20 @@ def make_parser():
       "base, Hugging Face format), checkpoints/ (Orbax CheckpointManager steps), "
       "peft_adapter/, llama_lora_loss.png.")
   p.add_argument("--steps", type=int, default=None,
-                 help="total LoRA steps (300; 40 with --fast); a re-run with the same --out "
-                      "resumes from its latest checkpoint and trains up to this step")
+                 help="total LoRA steps; a re-run with the same --out "
+                      "resumes from its latest checkpoint and trains up to this step "
+                      "(default: 300; 40 with --fast)")
   p.add_argument("--save-every", type=int, default=None,
-                 help="checkpoint every N LoRA steps (50; 10 with --fast) and at the last")
+                 help="checkpoint every N LoRA steps and at the last "
+                      "(default: 50; 10 with --fast)")
   p.add_argument("--max-to-keep", type=int, default=3, help="checkpoint steps kept")
   p.add_argument("--pretrain-steps", type=int, default=400,
                  help="full fine-tuning steps of the tiny random-init base")
   p.add_argument("--hf-dir", default=None,
                  help="a local Hugging Face Llama directory (config.json + safetensors) "
                       "to adapt instead of the tiny base; its tokenizer is used if it "
-                      "has tokenizer.json / tokenizer.model, else byte-level ids")
+                      "has tokenizer.json / tokenizer.model, else byte-level ids (default: none, "
+                      "the tiny byte-level base trained here)")
   p.add_argument("--text", default=TEXT, help="UTF-8 text file ('#' lines skipped)")
   p.add_argument("--rank", type=int, default=8, help="LoRA rank")
   p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha / rank)")

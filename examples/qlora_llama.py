@@ -120,17 +120,17 @@ def plot(curves: dict, errors: dict, path: str) -> None:
 def make_parser():
   p = parser(__doc__.split("\n")[0], out=os.path.join("out", "qlora_llama"),
              out_help="directory for the PNG")
-  p.add_argument("--steps", type=int, default=None, help="LoRA steps on each base (200; 30 "
-                                                         "with --fast)")
+  p.add_argument("--steps", type=int, default=None, help="LoRA steps on each base (default: 200; "
+                                                         "30 with --fast)")
   p.add_argument("--pretrain-steps", type=int, default=None,
-                 help="full fine-tuning steps of the tiny base (400; 80 with --fast)")
+                 help="full fine-tuning steps of the tiny base (default: 400; 80 with --fast)")
   p.add_argument("--pretrain-lr", type=float, default=3e-3, help="pretraining learning rate")
   p.add_argument("--rank", type=int, default=8, help="LoRA rank")
   p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale alpha / rank)")
   p.add_argument("--lr", type=float, default=5e-3, help="LoRA learning rate (adamw)")
   p.add_argument("--block-size", type=int, default=None,
-                 help="NF4 block size along the input axis (64; 32 with --fast, whose "
-                      "width is 32)")
+                 help="NF4 block size along the input axis (default: 64; 32 with --fast, "
+                      "whose width is 32)")
   p.add_argument("--batch-size", type=int, default=16, help="windows per step")
   p.add_argument("--seq-len", type=int, default=64, help="tokens per window")
   p.add_argument("--text", default=llama_lora.TEXT, help="UTF-8 text file ('#' lines skipped)")

@@ -3,9 +3,12 @@ ratios and goal rows are there, and the .md / .json are written. No times assert
 
 import json
 
+import pytest
+
 from bench import serving
 
 
+@pytest.mark.slow  # python -m bench.serving --toy end to end
 def test_toy_run_writes_results(tmp_path):
   assert serving.main(["--toy", "--out", str(tmp_path)]) == 0
   [md] = tmp_path.glob("serving-toy-*.md")

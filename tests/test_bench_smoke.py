@@ -24,6 +24,7 @@ def run(tmp_path_factory):
     return out, json.load(f)
 
 
+@pytest.mark.slow  # python -m bench --tiny end to end
 def test_writes_json_markdown_and_chart(run):
   out, data = run
   for key in ("platform", "device_kind", "cpu_count", "jax", "flax"):
@@ -33,6 +34,7 @@ def test_writes_json_markdown_and_chart(run):
   assert "### Goals" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow  # python -m bench --tiny end to end
 def test_peers_compute_the_same_output(run):
   _, data = run
   for res in data["results"]:
@@ -43,6 +45,7 @@ def test_peers_compute_the_same_output(run):
     assert set(res["skipped"]) <= {"nnx"}
 
 
+@pytest.mark.slow  # python -m bench --tiny end to end
 def test_every_contender_was_measured(run):
   _, data = run
   for res in data["results"]:
@@ -57,6 +60,7 @@ def test_every_contender_was_measured(run):
                                                  "merge / copy of the same bytes"}
 
 
+@pytest.mark.slow  # python -m bench --tiny end to end
 def test_flops_match_the_hand_written_lora(run):
   _, data = run
   for res in data["results"]:

@@ -52,6 +52,7 @@ def peft_logits(base_dir, peft_dir, ids):
     return model(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
 
 
+@pytest.mark.slow  # runs the example end to end
 def test_train_resume_export(tmp_path):
   out = str(tmp_path / "run")
   first = llama_lora.main(["--fast", "--quiet", "--out", out, "--steps", "20"])
@@ -95,6 +96,7 @@ def test_train_resume_export(tmp_path):
   np.testing.assert_allclose(got, np.asarray(want), atol=1e-4)
 
 
+@pytest.mark.slow  # runs the example end to end
 def test_interrupted_run_resumes(tmp_path, monkeypatch, capsys):
   """Ctrl-C midway, then the same command: it resumes from the last checkpoint."""
   out = str(tmp_path / "run")

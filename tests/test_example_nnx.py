@@ -22,6 +22,7 @@ def test_help_has_text_for_every_flag(capsys):
   assert "--fast" in out and "--dropout" in out and "RngState" not in out
 
 
+@pytest.mark.slow  # runs the example end to end
 def test_nnx_lora_with_dropout(tmp_path):
   r = nnx_lora.main(["--fast", "--quiet", "--out", str(tmp_path)])
   (_, pre_upright, pre_mirror), (_, _, lora_mirror) = r["rows"]

@@ -21,6 +21,7 @@ def test_help_exits_zero(capsys):
   assert "--fast" in out and "--block-size" in out and "NF4" in out
 
 
+@pytest.mark.slow  # runs the example end to end
 def test_fast_run_compares_nf4_and_bf16_bases(tmp_path):
   res = qlora_llama.main(["--fast", "--quiet", "--out", str(tmp_path)])
   assert os.path.getsize(res["png"]) > 0

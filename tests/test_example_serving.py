@@ -3,6 +3,7 @@ adapters and the base; every row equals its adapter (or the base) run alone."""
 
 import os
 import pathlib
+import re
 import sys
 
 import numpy as np
@@ -30,6 +31,7 @@ def test_help_lists_every_flag_with_help_text(monkeypatch, capsys):
   assert not missing, f"flags without help text: {missing}"
 
 
+@pytest.mark.slow  # runs the example end to end
 def test_mixed_batch_rows_equal_each_adapter_alone(tmp_path, capsys):
   r = mas.main(["--fast", "--quiet", "--out", str(tmp_path)])
   rows = r["rows"]
@@ -44,6 +46,7 @@ def test_mixed_batch_rows_equal_each_adapter_alone(tmp_path, capsys):
   assert len(set(outputs.values())) >= 4, outputs
   printed = capsys.readouterr().out
   assert "adapter" in printed and "prompt" in printed and "output" in printed
+  check_printed_rates(printed)
   assert set(r["throughput"]) == {"base model", "one adapter (unstacked)", "1 distinct",
                                   "2 distinct", "4 distinct"}
   assert all(v > 0 for v in r["throughput"].values())
@@ -51,3 +54,14 @@ def test_mixed_batch_rows_equal_each_adapter_alone(tmp_path, capsys):
   # training lowered every task's loss
   for name, losses in r["losses"].items():
     assert np.mean(losses[-5:]) < np.mean(losses[:5]), name
+
+
+def check_printed_rates(printed: str) -> None:
+  """Every printed throughput is a median of per-round rates: positive, and
+  within 10x of the others (a difference of medians once printed 4e10 tokens/s)."""
+  table = printed.split("generation throughput")[1].split("trained in")[0]
+  rates = {name: float(v.replace(",", "")) for name, v in re.findall(
+      r"^\s*(base model|one adapter \(unstacked\)|\d distinct)\s+([\d,.]+)\s*$", table, re.M)}
+  assert len(rates) == 5, table
+  assert min(rates.values()) > 0, rates
+  assert max(rates.values()) < 10 * min(rates.values()), rates

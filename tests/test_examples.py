@@ -54,6 +54,7 @@ def test_every_flag_has_help_text(module, monkeypatch):
   assert not missing, f"{module.__name__}: flags without help text: {missing}"
 
 
+@pytest.mark.slow  # runs the example end to end
 def test_sharded_training(tmp_path):
   # A subprocess: the simulated devices must be requested before JAX starts.
   code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import sharded_training as s; "
@@ -73,6 +74,7 @@ def test_sharded_training(tmp_path):
   assert os.path.getsize(r["png"]) > 0
 
 
+@pytest.mark.slow  # runs the example end to end
 def test_quickstart(tmp_path):
   r = quickstart.main(FAST + ["--out", str(tmp_path)])
   digit = r["digit"]
@@ -92,6 +94,7 @@ def test_quickstart(tmp_path):
   assert os.path.getsize(r["png"]) > 0
 
 
+@pytest.mark.slow  # runs the example end to end
 def test_low_rank_shift(tmp_path):
   r = low_rank_shift.main(FAST + ["--out", str(tmp_path)])
   # The stated tolerance: a rank-1 LoRA recovers ΔW ≈ 1 (the shift θ -> θ + 1)
@@ -103,6 +106,7 @@ def test_low_rank_shift(tmp_path):
   assert os.path.getsize(r["png"]) > 0
 
 
+@pytest.mark.slow  # runs the example end to end
 def test_compare_finetuning(tmp_path):
   r = compare_finetuning.main(FAST + ["--out", str(tmp_path)])
   res = r["results"]

@@ -109,6 +109,25 @@ def test_rank_larger_than_kernel_allows():
     lj.lora_init(jax.random.key(0), {"k": jnp.ones((8, 4))}, lj.LoraConfig(rank=16, targets="k"))
 
 
+def test_rank_too_large_lists_every_kernel_and_names_rank_pattern():
+  params = {"small": {"kernel": jnp.ones((8, 4))}, "tiny": {"kernel": jnp.ones((2, 16))},
+            "big": {"kernel": jnp.ones((32, 32))}}
+  config = lj.LoraConfig(rank=6, targets=".*/kernel")
+  with pytest.raises(ValueError) as exc:
+    lj.lora_init(jax.random.key(0), params, config)
+  msg = str(exc.value)
+  assert "too large for 2 kernel(s)" in msg
+  assert "rank 6 for small/kernel" in msg and "at most 4" in msg
+  assert "rank 6 for tiny/kernel" in msg and "at most 2" in msg
+  assert "big/kernel" not in msg
+  assert "rank_pattern={'small/kernel': 4, 'tiny/kernel': 2}" in msg
+  # the suggested fix works as written
+  fixed = lj.LoraConfig(rank=6, targets=".*/kernel",
+                        rank_pattern={"small/kernel": 4, "tiny/kernel": 2})
+  lp = lj.lora_init(jax.random.key(0), params, fixed)
+  assert [lp[k]["kernel"].a.shape[-1] for k in ("small", "tiny", "big")] == [4, 2, 6]
+
+
 def test_no_target_matched_shows_paths():
   with pytest.raises(ValueError, match=r"(?s)matched no leaf.*params/dense/kernel"):
     lj.lora_init(jax.random.key(0), PARAMS, lj.LoraConfig(targets=".*query.*"))

@@ -1,6 +1,14 @@
-"""The README's claims a new user meets first: its runnable code blocks run as
-written, every other Python block is labelled a sketch, it names no missing
-file, and ``import lora_jax`` stays light."""
+"""The README's and the documentation's claims a new user meets first: their
+runnable code blocks run as written, every other Python block is labelled a
+sketch, they name no missing file and link to no missing page, and
+``import lora_jax`` stays light.
+
+Pages are collected by glob (``README.md`` and ``docs/**/*.md``), so a new
+page under ``docs/`` is checked without touching this file. A block is
+runnable when the line ``<!-- runnable -->`` stands right before its
+```python fence; it then runs as written in a fresh subprocess (keep such
+blocks fast: seconds).
+"""
 
 import os
 import pathlib
@@ -11,17 +19,23 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+PAGES = ["README.md"] + sorted(
+    str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md")
+    if "_build" not in p.relative_to(ROOT / "docs").parts)
+TEXT = {page: (ROOT / page).read_text(encoding="utf-8") for page in PAGES}
+README = TEXT["README.md"]
 MARK = "<!-- runnable -->"
 BLOCK = re.compile(r"(?P<before>[^\n]*)\n```python\n(?P<code>.*?)```", re.S)
 
 
-def python_blocks():
-  """(the line before the block, the code) for every ```python block."""
-  return [(m["before"], m["code"]) for m in BLOCK.finditer(README)]
+def python_blocks(page: str):
+  """(the line before the block, the code) for every ```python block of a page."""
+  return [(m["before"], m["code"]) for m in BLOCK.finditer(TEXT[page])]
 
 
-RUNNABLE = [code for before, code in python_blocks() if before.strip() == MARK]
+RUNNABLE = [(page, k, code) for page in PAGES
+            for k, (before, code) in enumerate(b for b in python_blocks(page)
+                                                if b[0].strip() == MARK)]
 
 
 def run(code: str, cwd) -> subprocess.CompletedProcess:
@@ -32,42 +46,65 @@ def run(code: str, cwd) -> subprocess.CompletedProcess:
 
 
 def test_the_first_python_block_is_runnable():
-  assert len(RUNNABLE) >= 2  # the whole program (Linen) and the NNX one
-  assert python_blocks()[0][0].strip() == MARK
+  assert python_blocks("README.md")[0][0].strip() == MARK  # the whole program (Linen)
+  pages = {page for page, _, _ in RUNNABLE}
+  assert {"README.md", "docs/guides/nnx.md", "docs/guides/qlora.md"} <= pages, pages
 
 
-@pytest.mark.parametrize("index", range(len(RUNNABLE)))
-def test_runnable_block_runs_as_written(index, tmp_path):
-  proc = run(RUNNABLE[index], tmp_path)
+@pytest.mark.parametrize("page,index,code", RUNNABLE,
+                         ids=[f"{page}-{k}" for page, k, _ in RUNNABLE])
+def test_runnable_block_runs_as_written(page, index, code, tmp_path):
+  proc = run(code, tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", proc.stdout)]
-  assert losses, proc.stdout
-  if len(losses) > 1:
+  if page == "README.md":  # the whole program trains: its printed loss falls
+    losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", proc.stdout)]
+    assert len(losses) > 1, proc.stdout
     assert losses[-1] < losses[0] / 10  # the adapters learned something
 
 
-def test_other_python_blocks_say_they_are_sketches():
+@pytest.mark.parametrize("page", PAGES)
+def test_other_python_blocks_say_they_are_sketches(page):
   """A block that is not run must be labelled in the sentence before it."""
-  unlabelled = []
-  for m in BLOCK.finditer(README):
+  text, unlabelled = TEXT[page], []
+  for m in BLOCK.finditer(text):
     if m["before"].strip() == MARK:
       continue
-    intro = README[max(0, m.start() - 400):m.start() + len(m["before"]) + 1]
+    intro = text[max(0, m.start() - 400):m.start() + len(m["before"]) + 1]
     if "sketch" not in intro.lower():
       unlabelled.append(m["code"].splitlines()[0])
-  assert not unlabelled, f"python blocks neither runnable nor labelled a sketch: {unlabelled}"
+  assert not unlabelled, f"{page}: python blocks neither runnable nor labelled a sketch: {unlabelled}"
 
 
-def test_readme_names_only_files_that_exist():
-  for path in set(re.findall(r"`((?:examples|tests|bench)/[\w./{},-]+\.(?:py|md|json))`",
-                             README)):
+@pytest.mark.parametrize("page", PAGES)
+def test_pages_name_only_files_that_exist(page):
+  text = TEXT[page]
+  for path in set(re.findall(r"`((?:examples|tests|bench)/[\w./{},-]+\.(?:py|md|json))`", text)):
     for p in re.sub(r"\{(.*?)\}", lambda m: m[1].split(",")[0], path).split():
-      assert (ROOT / p).exists(), f"README names {p}, which is not in the repository"
-  for script in set(re.findall(r"python (examples/\w+\.py)", README)):
-    assert (ROOT / script).exists(), script
-  assert "DESIGN.md" not in README
-  assert not re.search(r"\bseed \d{3}\b", README), "internal seed numbers in the README"
-  assert "✘" not in README, "goal marks belong in bench/ output"
+      assert (ROOT / p).exists(), f"{page} names {p}, which is not in the repository"
+  for script in set(re.findall(r"python (examples/\w+\.py)", text)):
+    assert (ROOT / script).exists(), f"{page}: {script}"
+  assert "DESIGN.md" not in text
+  assert not re.search(r"\bseed \d{3}\b", text), f"{page}: internal seed numbers"
+  assert "✘" not in text, f"{page}: goal marks belong in bench/ output"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_relative_links_reach_a_file(page):
+  """[text](target) links inside the repository point to files that exist."""
+  base = (ROOT / page).parent
+  for target in re.findall(r"\]\(([^)\s]+)\)", TEXT[page]):
+    if re.match(r"[a-z]+:", target) or target.startswith("#"):
+      continue
+    path = target.split("#")[0]
+    assert (base / path).exists(), f"{page} links to {target}, which does not exist"
+
+
+def test_readme_is_a_map_of_the_docs():
+  """Every guide is listed in the README's map, so no page is out of sight."""
+  section = README.split("## Where to go next", 1)[1]
+  guides = sorted(p.name for p in (ROOT / "docs" / "guides").glob("*.md"))
+  missing = [g for g in guides if f"(docs/guides/{g})" not in section]
+  assert not missing, f"docs/guides pages missing from the README's map: {missing}"
 
 
 @pytest.mark.parametrize("module", ["lora_jax", "lora_jax.interop", "lora_jax.models"])

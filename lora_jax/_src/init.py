@@ -1,5 +1,6 @@
 """lora_init: put LoraWeight nodes where the config selects kernels."""
 
+import re
 from typing import Any, Callable
 
 import jax
@@ -156,7 +157,7 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
 
   out = [x for _, x in leaves]
   keys = jax.random.split(key, len(targets))
-  adapted = 0
+  adapted, too_large = 0, []
   for key_k, k in zip(keys, targets):
     path, w = leaves[k]
     roles = _roles(path, w, config, inferred, why)
@@ -166,10 +167,8 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
     adapted += 1
     rank = config.rank_for(path)
     if rank > max_rank(w.shape, roles):
-      raise ValueError(
-          f"lora_init: rank {rank} for {path} is larger than the kernel allows: "
-          f"shape {tuple(w.shape)} with roles {roles!r} has rank at most "
-          f"{max_rank(w.shape, roles)}")
+      too_large.append((path, rank, tuple(w.shape), roles, max_rank(w.shape, roles)))
+      continue
     dtype = config.dtype or w.dtype
     scale = config.scale_for(path)
     if is_base_changing(config.init):
@@ -195,6 +194,8 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
     out[k] = LoraWeight(w, a, b, scale=scale, roles=roles, dropout=float(config.dropout))
     if config.dora:
       out[k] = out[k].replace(m=_magnitude(path, out[k]).astype(dtype))
+  if too_large:
+    raise ValueError(_rank_error(too_large))
   if not adapted:
     raise ValueError(
         f"lora_init: layers_to_transform={list(config.layers_to_transform)} left no "
@@ -204,6 +205,19 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
   for k in trained:
     out[k] = Trainable(out[k], out[k])
   return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _rank_error(too_large) -> str:
+  """One message for every kernel whose rank exceeds what its shape allows."""
+  lines = [f"  rank {rank} for {path} is larger than the kernel allows: shape {shape} "
+           f"with roles {roles!r} has rank at most {limit}"
+           for path, rank, shape, roles, limit in too_large]
+  fix = {re.escape(path): limit for path, _, _, _, limit in too_large}
+  return (f"lora_init: the rank is too large for {len(too_large)} kernel(s) (at most the "
+          "smaller of the kernel's flattened input and output sizes):\n" + "\n".join(lines)
+          + "\nLower LoraConfig.rank, or give these kernels their own rank with "
+          f"LoraConfig(rank_pattern={fix!r}) (first full match wins), or leave them out "
+          "with exclude=.")
 
 
 def _magnitude(path: str, lw: LoraWeight):

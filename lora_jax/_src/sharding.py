@@ -198,8 +198,8 @@ def lora_shardings(lora_params: Params, base: Any = None) -> Params:
   where ``s_a`` / ``s_b`` are derived from the kernel's ``s_w`` (see
   ``factor_specs``); ``Trainable`` leaves get their base leaf's sharding
   twice, other leaves their own. The kind of each leaf is kept: give
-  ``NamedSharding``s and get ``NamedSharding``s, give (mesh or Flax logical)
-  ``PartitionSpec``s and get ``PartitionSpec``s.
+  ``NamedSharding`` leaves and get ``NamedSharding`` leaves, give (mesh or Flax
+  logical) ``PartitionSpec`` leaves and get ``PartitionSpec`` leaves.
 
   Where the kernels' shardings come from, first match wins:
 
