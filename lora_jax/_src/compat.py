@@ -2,7 +2,9 @@
 
 lora_jax reads jaxprs through ``jax.extend.core``, the part of JAX that moves
 most between releases. Every read that differs between the supported
-releases is written here, once; the interpreter and its rules import it.
+releases is written here, once, for the interpreter (``interpreter.py``); the
+rules get each equation's params through ``Params`` (via ``run_rule``), so a
+param a newer JAX renamed is reported here too, with no edit to the rules.
 
 Supported: JAX ``OLDEST`` (the oldest release whose flax / optax / orbax
 pairing installs, tested by CI's oldest-pins job, ``.ci/oldest.txt``)
