@@ -48,7 +48,7 @@ def version_tuple(version: str) -> tuple[int, int, int]:
   return int(m[1]), int(m[2]), int(m[3] or 0)
 
 
-def tested_range() -> str:
+def supported_range() -> str:
   """The JAX releases lora_jax is tested on, as a sentence fragment."""
   return f"JAX {OLDEST} to {NEWEST_TESTED}"
 
@@ -64,7 +64,7 @@ def check_jax_version(version: str | None = None) -> None:
   version = jax_version() if version is None else version
   if version_tuple(version) < version_tuple(OLDEST):
     raise ImportError(
-        f"lora_jax needs JAX >= {OLDEST} (tested: {tested_range()}); found jax "
+        f"lora_jax needs JAX >= {OLDEST} (tested: {supported_range()}); found jax "
         f"{version}. Its interpreter reads jaxprs through jax.extend.core, which "
         f"older releases lay out differently. Fix: pip install -U 'jax>={OLDEST}' "
         "(with flax/optax/orbax-checkpoint releases that declare support for it).")
@@ -76,7 +76,7 @@ def untested_note(version: str | None = None) -> str:
   if version_tuple(version) <= version_tuple(NEWEST_TESTED):
     return ""
   return (f" Note: this is JAX {version}, newer than lora_jax is tested on "
-          f"({tested_range()}); if JAX renamed a primitive or param, pin "
+          f"({supported_range()}); if JAX renamed a primitive or param, pin "
           f"jax=={NEWEST_TESTED} or report it with this message.")
 
 
@@ -129,7 +129,7 @@ class Params(dict):
     raise JaxCompatError(
         f"lora: the `{self.primitive}` equation has no param {key!r} on JAX "
         f"{jax_version()} (it has: {', '.join(sorted(self))}); lora_jax is tested "
-        f"with {tested_range()}, where it has. Install a tested JAX, or report "
+        f"with {supported_range()}, where it has. Install a tested JAX, or report "
         "this message.")
 
 
