@@ -9,6 +9,8 @@
 >>> served = lj.merge(lp)                         # plain params again
 """
 
+# First: on a JAX older than supported, a clear ImportError (see _src/compat.py)
+from lora_jax._src import compat as _compat  # noqa: F401  isort: skip
 from lora_jax._src.checkpoint import adapter_args as adapter_args
 from lora_jax._src.checkpoint import load_adapter as load_adapter
 from lora_jax._src.checkpoint import read_description as read_description

@@ -6,9 +6,9 @@ import numpy as np
 import optax
 import pytest
 from jax import lax
-from jax.extend import core as jex_core
 
 import lora_jax as lj
+from lora_jax._src import compat
 from lora_jax.models import (Mixtral, MixtralConfig, init_moe_params, load_hf_mixtral,
                              to_hf_mixtral_state_dict)
 
@@ -147,7 +147,7 @@ def _product_shapes(jaxpr):
   for eqn in jaxpr.eqns:
     if eqn.primitive.name in ("dot_general", "ragged_dot_general", "add", "add_any", "mul"):
       out |= {tuple(v.aval.shape) for v in eqn.outvars}
-    for sub in jex_core.jaxprs_in_params(eqn.params):
+    for sub in compat.jaxprs_in_params(eqn.params):
       out |= _product_shapes(sub)
   return out
 

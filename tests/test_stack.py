@@ -3,12 +3,12 @@
 import dataclasses
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import lora_jax as lj
+from lora_jax._src import compat
 from layer_cases import case, randomize_b
 
 KINDS = ("dense", "dense_general", "einsum", "conv", "embed", "nn_scan",
@@ -279,7 +279,7 @@ def test_scanned_stack_is_indexed_per_layer_not_transposed():
   def eqns(jx):
     for e in jx.eqns:
       yield e
-      for sub in jax.extend.core.jaxprs_in_params(e.params):
+      for sub in compat.jaxprs_in_params(e.params):
         yield from eqns(sub)
   moved = [e for e in eqns(jaxpr.jaxpr) if e.primitive.name == "transpose"
            and e.invars[0].aval.shape in shapes]

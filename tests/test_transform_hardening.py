@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
+from lora_jax._src import compat
 from layer_cases import is_lw, randomize_b
 
 KEY = jax.random.key(0)
@@ -256,7 +257,7 @@ def _prims(jaxpr, names):
   n = 0
   for eqn in jaxpr.eqns:
     n += eqn.primitive.name in names
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+    for sub in compat.jaxprs_in_params(eqn.params):
       n += _prims(sub, names)
   return n
 

@@ -21,6 +21,7 @@ from jax import lax
 from jax.extend import core as jex_core
 from jax.extend import random as jex_random
 
+from lora_jax._src import compat
 from lora_jax._src.quant import dense
 from lora_jax._src.stack import StackedLora
 from lora_jax._src.weight import LoraWeight
@@ -211,7 +212,7 @@ def fallback(ctx: _Context, eqn, invals):
       x.materialize()  # raises: a stack is never materialized
   msg = (f"lora: `{name}` has no factored rule; W + ΔW is materialized for "
          f"{', '.join(paths)}. This is correct but spends the memory and "
-         "FLOPs LoRA saves.")
+         "FLOPs LoRA saves." + compat.untested_note())
   if ctx.strict:
     raise NotImplementedError(msg + " (raised because lora(fn, strict=True))")
   warnings.warn(msg, LoraFallbackWarning, stacklevel=4)
@@ -221,10 +222,7 @@ def fallback(ctx: _Context, eqn, invals):
 
 def bind(eqn, invals):
   """Bind ``eqn``'s primitive on new inputs, as ``jax.core.eval_jaxpr`` does."""
-  params = eqn.primitive.get_bind_params(eqn.params)
-  subfuns = ()
-  if isinstance(params, tuple):  # JAX < 0.9 returned (subfuns, params)
-    subfuns, params = params
+  subfuns, params = compat.bind_params(eqn)
   with eqn.ctx.manager:
     out = eqn.primitive.bind(*subfuns, *invals, **params)
   return list(out) if eqn.primitive.multiple_results else [out]
@@ -250,11 +248,11 @@ def eval_jaxpr(jaxpr, consts, args, ctx: _Context):
         rule = fallback  # W' formed: correct, warned (or refused when strict)
       for wrap in WRAPPERS:  # quantized kernels: dequantized where consumed
         rule = functools.partial(wrap, rule)
-      outs = rule(ctx, eqn, invals)
+      outs = compat.run_rule(rule, ctx, eqn, invals)
     else:
       outs = bind(eqn, invals)
     for v, x in zip(eqn.outvars, outs):
-      if not isinstance(v, jex_core.DropVar):
+      if not isinstance(v, compat.DropVar):
         env[v] = x
   return [read(v) for v in jaxpr.outvars]
 

@@ -43,8 +43,9 @@ def factor_specs(spec: PartitionSpec, roles: str) -> tuple[PartitionSpec, Partit
   Example:
     >>> from jax.sharding import PartitionSpec as P
     >>> from lora_jax._src.sharding import factor_specs
-    >>> factor_specs(P('layers', None, 'model'), 'sio')
-    (P('layers', None, None), P('layers', None, 'model'))
+    >>> a, b = factor_specs(P('layers', None, 'model'), 'sio')
+    >>> a == P('layers', None, None), b == P('layers', None, 'model')
+    (True, True)
   """
   entries = tuple(spec)
   if len(entries) > len(roles):
@@ -73,8 +74,8 @@ def factor_shardings(sharding: Any, roles: str) -> tuple[Any, Any]:
     >>> from lora_jax._src.sharding import factor_shardings
     >>> mesh = jax.make_mesh((1,), ("model",))
     >>> a, b = factor_shardings(NamedSharding(mesh, P(None, "model")), "io")
-    >>> a.spec, b.spec
-    (P(None, None), P(None, 'model'))
+    >>> a.spec == P(None, None), b.spec == P(None, 'model')
+    (True, True)
   """
   if sharding is None or isinstance(sharding, SingleDeviceSharding):
     return sharding, sharding
@@ -229,8 +230,8 @@ def lora_shardings(lora_params: Params, base: Any = None) -> Params:
     >>> params = {"up": {"kernel": jnp.ones((8, 16))}}
     >>> lp = lj.lora_init(jax.random.key(0), params, lj.LoraConfig(rank=2))
     >>> s = lora_shardings(lp, base={"up": {"kernel": P(None, "model")}})
-    >>> s["up"]["kernel"].a, s["up"]["kernel"].b
-    (P(None, None), P(None, 'model'))
+    >>> s["up"]["kernel"].a == P(None, None), s["up"]["kernel"].b == P(None, "model")
+    (True, True)
   """
   given = {}
   if base is not None:
