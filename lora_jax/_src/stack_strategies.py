@@ -45,22 +45,24 @@ ONEHOT_MAX_BYTES = 1 << 30
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-  """Rough machine constants for the cost model (seconds = bytes/bw + flops/gemm)."""
+  """Machine constants of the cost model (see ``estimate``)."""
   bandwidth: float       # bytes / s, streaming reads and writes
   gemm: float            # FLOP / s of a well-shaped matmul
-  matvec: float          # FLOP / s of a batched matrix-vector product (gather)
-  gather_penalty: float  # extra factor on gathered bytes (per-row weight gathers)
+  matvec: float          # FLOP / s of per-row (batched matrix-vector) products
+  gather_penalty: float  # factor on per-row gathered factor bytes
+  op: float              # seconds of fixed cost per extra XLA op (gather, permute)
 
 
 BACKENDS = {
-    # 2-core x86 CPU under load (calibrated on bench.serving's quick / wide)
-    "cpu": Backend(bandwidth=8e9, gemm=4e10, matvec=4e9, gather_penalty=2.0),
-    # H100-class: HBM ~3 TB/s, tensor cores; per-row gathers of weight
-    # matrices are uncoalesced and run far below bandwidth
-    "gpu": Backend(bandwidth=2.5e12, gemm=4e14, matvec=2e12, gather_penalty=4.0),
+    # a 2-core x86 CPU under load, calibrated on bench.serving's quick and
+    # wide models (docs/guides/serving_strategies.md)
+    "cpu": Backend(bandwidth=2e10, gemm=5e10, matvec=3e9, gather_penalty=1.0, op=5e-5),
+    # H100-class: HBM ~3 TB/s, tensor cores; a per-row gather of weight
+    # matrices is uncoalesced and runs far below bandwidth (not measured here)
+    "gpu": Backend(bandwidth=2.5e12, gemm=4e14, matvec=2e12, gather_penalty=4.0, op=5e-6),
     # TPU: a per-row gather of weight matrices is the slowest choice of all
-    # (no fast dynamic gather into the MXU): onehot / segments win
-    "tpu": Backend(bandwidth=1.2e12, gemm=2e14, matvec=2e11, gather_penalty=16.0),
+    # (no fast dynamic gather into the MXU): onehot / segments win (not measured here)
+    "tpu": Backend(bandwidth=1.2e12, gemm=2e14, matvec=2e11, gather_penalty=16.0, op=5e-6),
 }
 
 
@@ -77,11 +79,11 @@ class Shape:
 
 
 def tile_rows(rows: int, n: int) -> int:
-  """Examples per segments tile: about ``rows / (2N)``, at least 1.
+  """Examples per segments tile: ``rows // N``, at least 1.
 
-  The padding is at most ``N·(T - 1)`` rows, under half of ``rows``.
+  The padding is at most ``N·(T - 1)`` slots, under ``rows``.
   """
-  return max(1, rows // (2 * n))
+  return max(1, rows // n)
 
 
 def num_tiles(rows: int, n: int, tile: int) -> int:
@@ -91,34 +93,40 @@ def num_tiles(rows: int, n: int, tile: int) -> int:
 
 
 def estimate(s: Shape, backend: str = "cpu") -> dict:
-  """Seconds each strategy is expected to take for one kernel's LoRA branch.
+  """Seconds each strategy is expected to add for one kernel's LoRA branch.
 
-  ``per_token = tokens / rows`` (the sequence). Factor bytes per adapter
-  ``f = r·(d_in + d_out)·itemsize``; ``flops_1 = 2·tokens·r·(d_in + d_out)``.
+  With ``f = r·(d_in + d_out)·itemsize`` the bytes of one adapter's factors
+  and ``flops_1 = 2·tokens·r·(d_in + d_out)`` the branch's FLOPs with one
+  adapter per row:
 
-  * gather: writes and reads each row's factors, ``2·rows·f·penalty`` bytes,
-    and does ``flops_1`` as matrix-vector products (``matvec`` rate) when a
-    row is one token, as GEMMs otherwise.
-  * onehot: reads all factors once, ``N·f``, and writes and reads the
-    masked ``(tokens, N·r)`` intermediate; ``N·flops_1`` at the GEMM rate.
-  * segments: gathers each tile's factors (``2·tiles·f``), moves x and z
-    into and out of tile order (``2·tokens·(d_in + d_out)·itemsize``), and
-    does ``flops_1·slots/rows`` at the GEMM rate.
+  * gather: writes and reads each row's factors (``2·rows·f·penalty``
+    bytes) in two extra ops, and runs ``flops_1`` as per-row products, at the
+    ``matvec`` rate when a row is one token (decode), ``matvec·tokens/rows``
+    (capped at ``gemm``) otherwise.
+  * onehot: reads every adapter once (``N·f``) and writes and reads the
+    masked ``(tokens, N·r)`` float32 intermediate; ``N·flops_1`` at the
+    ``gemm`` rate, no extra op.
+  * segments: gathers each tile's factors (``2·tiles·f``) and moves x and z
+    into and out of tile order (read and written:
+    ``4·tokens·(d_in + d_out)·itemsize``) in six extra ops (take, fill,
+    factor gathers, unsort); ``flops_1·slots/rows`` as per-tile GEMMs
+    (``matvec`` rate times the tile's tokens, capped at ``gemm``).
   """
   b = BACKENDS.get(backend, BACKENDS["gpu"])
   f = s.rank * (s.d_in + s.d_out) * s.itemsize
   flops_1 = 2.0 * s.tokens * s.rank * (s.d_in + s.d_out)
-  per_token = max(1, s.tokens // max(1, s.rows))
-  gather_rate = b.matvec if per_token == 1 else min(b.gemm, b.matvec * per_token)
-  inter = 2.0 * s.tokens * s.n * s.rank * 4
+  per_row = max(1, s.tokens // max(1, s.rows))
   tile = tile_rows(s.rows, s.n)
   tiles = num_tiles(s.rows, s.n, tile)
-  moved = 2.0 * s.tokens * (s.d_in + s.d_out) * s.itemsize
+  rate = lambda tokens: min(b.gemm, b.matvec * tokens)
+  moved = 4.0 * s.tokens * (s.d_in + s.d_out) * s.itemsize
   return {
-      "gather": 2 * s.rows * f * b.gather_penalty / b.bandwidth + flops_1 / gather_rate,
-      "onehot": (s.n * f + inter) / b.bandwidth + s.n * flops_1 / b.gemm,
-      "segments": (2 * tiles * f + moved) / b.bandwidth
-                  + flops_1 * tiles * tile / s.rows / b.gemm,
+      "gather": 2 * b.op + 2 * s.rows * f * b.gather_penalty / b.bandwidth
+                + flops_1 / rate(per_row),
+      "onehot": (s.n * f + 2.0 * s.tokens * s.n * s.rank * 4) / b.bandwidth
+                + s.n * flops_1 / b.gemm,
+      "segments": 6 * b.op + (2 * tiles * f + moved) / b.bandwidth
+                  + flops_1 * tiles * tile / s.rows / rate(per_row * tile),
   }
 
 
