@@ -20,7 +20,7 @@ def _case(kind):
   return fn, params, _batch(args, len(IDS)), ads
 
 
-@pytest.mark.parametrize("strategy", ["onehot", "segments"])
+@pytest.mark.parametrize("strategy", ["gather", "onehot", "segments"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_strategy_rows_equal_each_adapter_alone(kind, strategy):
   fn, params, args, ads = _case(kind)

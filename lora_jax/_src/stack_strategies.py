@@ -399,17 +399,6 @@ def _subs(ndim: int) -> str:
   return "abcdefghijklmnopqstuvwxyz"[:ndim]
 
 
-def conv_fits(v: _Lazy, eqn) -> str | None:
-  """Why a conv kernel's layout has no factored stacked rule, or None."""
-  dn = eqn.params["dimension_numbers"]
-  b_axes = [d for d in v.b_dims if isinstance(d, int)]
-  a_axes = sorted(d for d in v.a_dims if isinstance(d, int))
-  out_axis = dn.rhs_spec[0]
-  if b_axes != [out_axis] or a_axes != [d for d in range(v.ndim) if d != out_axis]:
-    return f"a stacked conv kernel with layout {v.a_dims} has no factored rule"
-  return None
-
-
 # ----------------------------------------------------------------- lookup
 
 def lookup(how, ctx, eqn, v: _Lazy, idx, out_axis: int, z_axis: int):
