@@ -376,6 +376,11 @@ def conv(how, ctx, eqn, x, v: _Lazy):
   from lora_jax._src import rules
   dn = eqn.params["dimension_numbers"]
   bx, bo, co = dn.lhs_spec[0], dn.out_spec[0], dn.out_spec[1]
+  out_axis = dn.rhs_spec[0]
+  if ([d for d in v.b_dims if isinstance(d, int)] != [out_axis] or sorted(
+      d for d in v.a_dims if isinstance(d, int)) != [d for d in range(v.ndim) if d != out_axis]):
+    raise NotImplementedError(f"lora: {v.path}: a stacked conv kernel with layout "
+                              f"{v.a_dims} has no factored rule")
   if how == "onehot":
     m = merged(v)
     k = rules._a_as_kernel(m, dn.rhs_spec[0])
@@ -404,6 +409,8 @@ def _subs(ndim: int) -> str:
 def lookup(how, ctx, eqn, v: _Lazy, idx, out_axis: int, z_axis: int):
   """The LoRA term of a stacked embedding lookup (rows: idx's axis 0)."""
   from lora_jax._src import rules
+  if idx.ndim < 2 or 0 in eqn.params["dimension_numbers"].offset_dims:
+    raise rules._not_rows(v, f"the lookup's indices have shape {idx.shape}")
   if how == "onehot":
     m = merged(v)
     sizes = list(eqn.params["slice_sizes"])
