@@ -14,7 +14,8 @@ def test_toy_run_writes_results(tmp_path):
   [md] = tmp_path.glob("serving-toy-*.md")
   [js] = tmp_path.glob("serving-toy-*.json")
   data = json.loads(js.read_text())
-  names = {"base", "single", "merged"} | {f"mixed-{n}" for n in data["ns"]} | {
+  names = {"base", "single", "merged"} | {
+      f"{s}-{n}" for n in data["ns"] for s in ("mixed", "gather", "onehot", "segments")} | {
       f"loop-{n}" for n in data["ns"] if n > 1}
   for phase in ("prefill", "decode"):
     assert set(data["phases"][phase]) == names
@@ -22,7 +23,13 @@ def test_toy_run_writes_results(tmp_path):
                for v in data["phases"][phase].values())
   assert "decode: mixed-2 / loop-2" in data["ratios"]
   assert data["concat"]["concat_over_separate"] > 0
-  flops = [c["flops"] for c in data["decode_cost"].values()]
-  assert max(flops) <= 1.05 * min(flops)  # FLOPs do not grow with the number of adapters
+  for phase in ("prefill", "decode"):
+    cost = data[f"{phase}_cost"]
+    gather = [cost[f"gather-{n}"]["flops"] for n in data["ns"]]
+    assert max(gather) <= 1.05 * min(gather)  # gather: FLOPs do not grow with N
+    assert all(sum(c[phase].values()) > 0 and set(c[phase]) <= {"gather", "onehot", "segments"}
+               for c in data["choices"].values())
+    assert all(cost[f"{s}-{n}"]["bytes_accessed"] > 0 for n in data["ns"]
+               for s in ("mixed", "onehot", "segments"))
   text = md.read_text()
-  assert "| goal |" in text and "x·[W | A]" in text and data["machine"]["platform"] in text
+  assert "| goal |" in text and "auto chose" in text and "x·[W | A]" in text and data["machine"]["platform"] in text

@@ -162,10 +162,11 @@ class _Context:
     self.strict, self.rng, self.subkeys, self.offset = strict, rng, 0, 0
     self.pair = None if rng is None else _threefry_pair(jax.random.fold_in(rng, 0))
     self.adapter_ids = None  # (B,) int: each example's stack member, -1 = base
+    self.stack = None  # stack_strategies.CallState: strategy, rows sorted once per call
 
   def child(self, rng) -> "_Context":
     ctx = _Context(self.strict, rng)
-    ctx.adapter_ids = self.adapter_ids
+    ctx.adapter_ids, ctx.stack = self.adapter_ids, self.stack
     return ctx
 
   def next_key(self):

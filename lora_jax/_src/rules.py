@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lora_jax._src import interpreter, layout
+from lora_jax._src import interpreter, layout, stack_strategies
 from lora_jax._src.interpreter import (ADAPTER, _Lazy, bind, concrete, eval_jaxpr, fallback,
                                        is_lazy)
 
@@ -197,8 +197,13 @@ def _dot_general(ctx, eqn, invals):
   if v.stacked:  # each example (x's axis 0) meets its own adapter's factors
     if 0 in x_contract or 0 in x_batch:
       raise _not_rows(v, f"the matmul contracts or batches x's axis 0 (shape {x.shape})")
-    fa, fb, scale = _rows(ctx, v, x.shape[0])
-    letter[ADAPTER] = xs[0]
+    d_in = layout._prod([x.shape[d] for d in x_contract])
+    how = stack_strategies.pick(ctx, v, "dot_general", x.shape[0], x.size // d_in, d_in,
+                                layout._prod([v.shape[d] for d in range(v.ndim)
+                                              if d not in v_contract and d not in v_batch]))
+    if how == "gather":
+      fa, fb, scale = _rows(ctx, v, x.shape[0])
+    letter[ADAPTER] = xs[0] if how == "gather" else stack_strategies.ADAPTER_LETTER
   a_sub = [vs[d] if isinstance(d, int) else letter[d] for d in v.a_dims]
   b_sub = [vs[d] if isinstance(d, int) else letter[d] for d in v.b_dims]
   contract = {vs[d] for d in v_contract}
@@ -217,6 +222,9 @@ def _dot_general(ctx, eqn, invals):
   prec, pref = p.get("precision"), p.get("preferred_element_type")
   xd = ctx.dropout(x, v.dropout)
   t_sub = [l for l in dict.fromkeys(xs + s1) if l in out or l in s2]
+  if v.stacked and how != "gather":  # onehot / segments: stack_strategies
+    z = stack_strategies.dot(how, ctx, v, xd, xs, (f1, s1), (f2, s2), t_sub, out, prec, pref)
+    return [y + z.astype(y.dtype)]
   t = jnp.einsum(f"{''.join(xs)},{''.join(s1)}->{''.join(t_sub)}", xd, f1,
                  precision=prec, preferred_element_type=pref)
   t = t * (_row_scale(scale, t.ndim, t_sub.index(xs[0]), t.dtype) if v.stacked
@@ -320,6 +328,19 @@ def _stacked_conv(ctx, eqn, x, v: _Lazy):
   return z, fb, scale
 
 
+def _stacked_conv_strategy(ctx, eqn, x, v: _Lazy) -> str:
+  """The strategy for a stacked conv (``stack_strategies.pick``)."""
+  dn = eqn.params["dimension_numbers"]
+  bx, c_in = dn.lhs_spec[0], dn.lhs_spec[1]
+  d_out = v.shape[dn.rhs_spec[0]]
+  fits = None if (bx, dn.out_spec[0]) == (0, 0) else (
+      f"the batch is axis {bx} of the input and {dn.out_spec[0]} of the output, "
+      "not the leading axis")
+  return stack_strategies.pick(ctx, v, "conv_general_dilated", x.shape[bx],
+                               x.size // x.shape[c_in], layout._prod(v.shape) // d_out,
+                               d_out, segments_fits=fits)
+
+
 def _stacked_gather_a(v: _Lazy, out_axis: int, idx, eqn, ctx):
   """Rows of each example's ``a``: one gather over (adapter, row) indices."""
   p, dn = eqn.params, eqn.params["dimension_numbers"]
@@ -368,6 +389,11 @@ def _conv(ctx, eqn, invals):
   if p["feature_group_count"] != 1:
     return _grouped_conv(ctx, eqn, x, v)
   if v.stacked:
+    how = _stacked_conv_strategy(ctx, eqn, x, v)
+    if how != "gather":
+      y = bind(eqn, [x, lax.stop_gradient(v.w)])[0]
+      z = stack_strategies.conv(how, ctx, eqn, ctx.dropout(x, v.dropout), v)
+      return [y + z.astype(y.dtype)]
     z, fb, scale = _stacked_conv(ctx, eqn, ctx.dropout(x, v.dropout), v)
     z = z * _row_scale(scale, z.ndim, dn.out_spec[0], z.dtype)
     y = bind(eqn, [x, lax.stop_gradient(v.w)])[0]
@@ -507,8 +533,14 @@ def _stacked_gather(ctx, eqn, v: _Lazy, idx, out_axis: int):
     raise NotImplementedError(f"lora: {v.path}: this lookup of a stacked kernel "
                               "has no factored rule")
   y = bind(eqn, [lax.stop_gradient(v.w), idx])[0]
-  z, fb, scale = _stacked_gather_a(v, out_axis, idx, eqn, ctx)
   kept = [d for d in range(v.ndim) if d not in dn.collapsed_slice_dims]
+  how = stack_strategies.pick(ctx, v, "gather", idx.shape[0], idx.size // idx.shape[-1],
+                              v.a.shape[v.a_dims.index(None)], v.shape[out_axis])
+  if how != "gather":
+    z = stack_strategies.lookup(how, ctx, eqn, v, idx, out_axis,
+                                dn.offset_dims[kept.index(out_axis)])
+    return [y + z.astype(y.dtype)]
+  z, fb, scale = _stacked_gather_a(v, out_axis, idx, eqn, ctx)
   z = z * _row_scale(scale, z.ndim, 0, z.dtype)
   z = _rank_to_rows(z, dn.offset_dims[kept.index(out_axis)], 0, fb)
   return [y + z.astype(y.dtype)]

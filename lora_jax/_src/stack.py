@@ -7,8 +7,9 @@ the largest (exact: the padded rank columns are zero), and the scales an
 array (N,) so replacing an adapter's values never changes the pytree
 structure (no recompilation). ``lj.attach(base, stack)`` puts it on a base;
 ``lj.lora(fn)(params, x, adapter_ids=ids)`` then runs example ``i`` with
-adapter ``ids[i]`` (``-1``: the base alone), gathering each example's factors
-(BGMV style: ``x·A[id]`` then ``·B[id]``), so the FLOPs do not grow with N.
+adapter ``ids[i]`` (``-1``: the base alone), each kernel by the strategy a cost
+model picks (per-row gathers, a one-hot mask over all adapters, or sorted row
+tiles: ``_src/stack_strategies.py``).
 """
 
 from collections.abc import Mapping, Sequence

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src import quant_rules, rules  # noqa: F401  (they register their rules)
-from lora_jax._src import tree
+from lora_jax._src import stack_strategies, tree
 from lora_jax._src.interpreter import (LoraFallbackWarning, _Context, _Lazy, concrete,
                                        eval_jaxpr, is_lazy)
 from lora_jax._src.quant import is_quantized
@@ -128,7 +128,7 @@ def _warn_dropout_without_rng(dynamic) -> bool:
   return True
 
 
-def lora(fn: Callable, *, strict: bool = False) -> Callable:
+def lora(fn: Callable, *, strict: bool = False, stack_strategy: str = "auto") -> Callable:
   """Transform ``fn`` to run with LoRA-adapted params, in factored form.
 
   The returned function has ``fn``'s signature, plus an optional keyword
@@ -154,17 +154,26 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
   [...]))``) need the keyword ``adapter_ids``: an int array with one entry per
   example (the leading axis of the inputs); example ``i`` runs with adapter
   ``ids[i]``, ``-1`` with the base alone. Each matmul, conv or embedding
-  lookup gathers every example's factors (``x·A[id]`` then ``·B[id]``), so
-  the FLOPs do not depend on the number of adapters, and changing the ids or
-  the stack's values (``lj.set_adapter``) reuses a jitted program. Ids out of
-  range are an error when they are concrete; under ``jit`` their rows come
-  out NaN.
+  lookup computes each row's branch with its own adapter by one of three
+  exact strategies, chosen per kernel by a cost model from static shapes
+  (``stack_strategy="auto"``) or forced: ``"gather"`` (each row gathers
+  ``A[id]``, ``B[id]``; FLOPs independent of N), ``"onehot"`` (``x`` times
+  all adapters' ``A`` side by side, masked per row, times all ``B``: each
+  adapter read once, FLOPs grow with N) or ``"segments"`` (rows sorted by
+  adapter once per call, tiles of one adapter each). See
+  docs/guides/serving_strategies.md. Changing the ids or the stack's values
+  (``lj.set_adapter``) reuses a jitted program. Ids out of range are an
+  error when they are concrete; under ``jit`` their rows come out NaN.
 
   Args:
     fn: any JAX function, e.g. a Flax ``model.apply``.
     strict: raise instead of materializing ``W + ΔW`` when a LoraWeight
       reaches an operation with no factored rule (a grouped conv's
       deliberate ``W + ΔW`` is not refused).
+    stack_strategy: for params holding a stack: ``"auto"`` (the cost
+      model's choice per kernel), ``"gather"``, ``"onehot"`` or
+      ``"segments"``. A forced strategy that cannot serve a kernel is an
+      error naming the kernel and the strategies that fit.
 
   Returns:
     The wrapped function.
@@ -183,6 +192,7 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
   """
 
   warned = False
+  stack_strategies.check_strategy(stack_strategy)
 
   @functools.wraps(fn)
   def wrapped(*args, lora_rng=None, adapter_ids=None, **kwargs):
@@ -209,6 +219,9 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*abstract)
     ctx = _Context(strict, lora_rng)
     ctx.adapter_ids = ids
+    if ids is not None:
+      n = next(x.a.shape[0] for x in dynamic if is_lazy(x) and x.stacked)
+      ctx.stack = stack_strategies.CallState(ids, n, stack_strategy, jax.default_backend())
     outs = eval_jaxpr(closed.jaxpr, closed.consts, dynamic, ctx)
     return jax.tree.unflatten(jax.tree.structure(out_shape), concrete(outs))
 
