@@ -50,6 +50,7 @@ from lora_jax.models import (Llama, LlamaConfig, generate, generate_cached, init
                              init_params)
 
 from bench import measure
+from bench.cli import HelpFormatter
 
 TARGETS = r".*(q|k|v|o|gate|up|down)_proj/kernel"
 
@@ -369,7 +370,7 @@ def _load() -> str:
 
 def parse(argv=None):
   p = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=HelpFormatter)
   mode = p.add_mutually_exclusive_group()
   mode.add_argument("--quick", action="store_const", dest="mode", const="quick",
                     help="d=128, 4 layers, batch 64 x 32 tokens: minutes on 2 CPU cores")
@@ -378,7 +379,8 @@ def parse(argv=None):
   mode.add_argument("--toy", action="store_const", dest="mode", const="toy",
                     help="toy sizes, seconds (the smoke test)")
   p.set_defaults(mode="full")
-  p.add_argument("--rounds", type=int, default=None, help="timed rounds per contender")
+  p.add_argument("--rounds", type=int, default=None,
+                 help="timed rounds per contender (default: the mode's: 25 quick, 9 full, 7 wide, 1 toy)")
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
                  help="folder for the .md and .json (default: bench/results)")
   return p.parse_args(argv)

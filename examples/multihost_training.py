@@ -57,12 +57,14 @@ def parse(argv=None):
              out_help="directory for the checkpoint and the exported files")
   p.add_argument("--num-processes", type=int, default=None,
                  help="number of processes; alone, starts that many local copies of "
-                      "this script (on one machine, simulated CPU devices)")
+                      "this script (on one machine, simulated CPU devices) (default: unset: "
+                      "jax.distributed detects it)")
   p.add_argument("--process-id", type=int, default=None,
-                 help="this process's id in [0, num-processes) (a cluster)")
+                 help="this process's id in [0, num-processes) (a cluster) (default: unset: "
+                      "jax.distributed detects it)")
   p.add_argument("--coordinator-address", default=None,
                  help="host:port of process 0 (a cluster); none: jax.distributed "
-                      "detects the cluster (Cloud TPU, SLURM, Open MPI)")
+                      "detects the cluster (Cloud TPU, SLURM, Open MPI) (default: unset)")
   p.add_argument("--cpu-devices", type=int, default=0,
                  help="simulated CPU devices per process (0: the real devices); the "
                       "local launcher uses 4")

@@ -12,8 +12,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 
 EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("*.py") if not p.stem.startswith("_"))
-# bench.serving is not listed: its --help is set in bench/serving.py (see bench/cli.py).
-BENCH = ["bench.__main__", "bench.qlora_memory"]
+
+BENCH = ["bench.__main__", "bench.qlora_memory", "bench.serving"]
 
 
 class _Parsed(Exception):
