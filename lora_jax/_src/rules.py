@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lora_jax._src import interpreter, layout
+from lora_jax._src import explicit, interpreter, layout
 from lora_jax._src.interpreter import (ADAPTER, _Lazy, bind, concrete, eval_jaxpr, fallback,
                                        is_lazy)
 
@@ -217,12 +217,13 @@ def _dot_general(ctx, eqn, invals):
   prec, pref = p.get("precision"), p.get("preferred_element_type")
   xd = ctx.dropout(x, v.dropout)
   t_sub = [l for l in dict.fromkeys(xs + s1) if l in out or l in s2]
+  t_out, z_out = explicit.factored_dot_shardings(y, out, t_sub)  # explicit axes
   t = jnp.einsum(f"{''.join(xs)},{''.join(s1)}->{''.join(t_sub)}", xd, f1,
-                 precision=prec, preferred_element_type=pref)
+                 precision=prec, preferred_element_type=pref, out_sharding=t_out)
   t = t * (_row_scale(scale, t.ndim, t_sub.index(xs[0]), t.dtype) if v.stacked
            else jnp.asarray(scale, t.dtype))
   z = jnp.einsum(f"{''.join(t_sub)},{''.join(s2)}->{''.join(out)}", t, f2,
-                 precision=prec, preferred_element_type=pref)
+                 precision=prec, preferred_element_type=pref, out_sharding=z_out)
   if g is not None:
     g = jnp.squeeze(g, axis=v.b_dims.index(None))
     y = _dora_base(eqn, base, side, y, x, xd, g, g_sub, out)

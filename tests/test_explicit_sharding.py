@@ -1,0 +1,234 @@
+"""LoRA on an explicit-axes mesh (issue 15, ``AxisType.Explicit``): 8 CPU devices.
+
+On an explicit mesh every array's type carries its sharding, and an op whose
+output sharding is ambiguous must be told it. The models here are written as
+a user writes them for such a mesh: the row-parallel matmul names its
+``out_sharding`` (Linen: ``dot_general=partial(lax.dot_general,
+out_sharding=...)``; NNX: ``Linear(...)(x, out_sharding=...)``). lora_jax
+must then train, merge and save exactly as on one device.
+"""
+
+import functools
+import re
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import lora_jax as lj
+from lora_jax._src.sharding import lora_shardings
+
+D, F, R, L = 16, 64, 4, 2
+SPECS = {"up": {"kernel": P(None, "model"), "bias": P("model")},
+         "down": {"kernel": P("model", None), "bias": P()}}
+
+
+@pytest.fixture
+def mesh():
+  return jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+
+
+def row_dot(row_out):
+  """Linen's dot_general for a row-parallel kernel: names the output sharding."""
+  return jax.lax.dot_general if row_out is None else functools.partial(
+      jax.lax.dot_general, out_sharding=row_out)
+
+
+class MLP(nn.Module):
+  """'up' column-parallel, 'down' row-parallel (contracts the 'model' axis)."""
+  act: str = "relu"
+  row_out: P | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    h = getattr(nn, self.act)(nn.Dense(F, name="up")(x))
+    return nn.Dense(D, name="down", dot_general=row_dot(self.row_out))(h)
+
+
+class Block(nn.Module):
+  row_out: P | None = None
+
+  @nn.compact
+  def __call__(self, x, _):
+    return x + MLP("silu", self.row_out)(x), None
+
+
+class Scanned(nn.Module):
+  row_out: P | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    scan = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=L)
+    return scan(self.row_out, name="layers")(x, None)[0]
+
+
+SCANNED_SPECS = {"layers": {"MLP_0": jax.tree.map(
+    lambda s: P(None, *s), SPECS, is_leaf=lambda x: isinstance(x, P))}}
+
+
+def placed(model, specs, mesh):
+  params = model.clone(row_out=None).init(jax.random.key(0), jnp.ones((2, D)))["params"]
+  return jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                                             is_leaf=lambda x: isinstance(x, P)))
+
+
+def bumped(lp):
+  """B != 0, so ΔW != 0 (a fresh adapter has B = 0)."""
+  def bump(x):
+    if isinstance(x, lj.LoraWeight):
+      return x.replace(b=x.b + 0.05 * jnp.ones_like(x.b))
+    return x
+  return jax.tree.map(bump, lp, is_leaf=lambda x: isinstance(x, lj.LoraWeight))
+
+
+def data(mesh=None, n=16):
+  x = jax.random.normal(jax.random.key(7), (n, D))
+  y = jax.random.normal(jax.random.key(8), (n, D))
+  if mesh is None:
+    return x, y
+  return tuple(jax.device_put(v, NamedSharding(mesh, P("data"))) for v in (x, y))
+
+
+def make_step(apply, tx, rng=None):
+  def loss(p, x, y):
+    kw = {} if rng is None else {"lora_rng": rng}
+    return jnp.mean((apply({"params": p}, x, **kw) - y) ** 2)
+
+  def step(p, opt, x, y):
+    val, g = jax.value_and_grad(loss)(p, x, y)
+    upd, opt = tx.update(g, opt, p)
+    return optax.apply_updates(p, upd), opt, val
+  return step
+
+
+def factors(tree):
+  return {jax.tree_util.keystr(k) + f: getattr(x, f)
+          for k, x in jax.tree_util.tree_flatten_with_path(
+              tree, is_leaf=lambda x: isinstance(x, lj.LoraWeight))[0]
+          if isinstance(x, lj.LoraWeight) for f in ("a", "b")}
+
+
+def train_both(mesh, model, ref_model, specs, config, steps=2, rng=None):
+  """Train on the explicit mesh and on one device; return both params + the step."""
+  with jax.set_mesh(mesh):
+    lp = bumped(lj.lora_init(jax.random.key(1), placed(model, specs, mesh), config))
+    tx = lj.optimizer(optax.adam(1e-2), lp)
+    step = jax.jit(make_step(lj.lora(model.apply), tx, rng))
+    p, o = lp, tx.init(lp)
+    x, y = data(mesh)
+    losses = []
+    for _ in range(steps):
+      p, o, val = step(p, o, x, y)
+      losses.append(val)
+  p1 = jax.device_get(lp)
+  o1 = tx.init(p1)
+  one = jax.jit(make_step(lj.lora(ref_model.apply), tx, rng))
+  x1, y1 = data()
+  for k in range(steps):
+    p1, o1, val = one(p1, o1, x1, y1)
+    np.testing.assert_allclose(losses[k], val, rtol=1e-5)
+  return lp, p, p1
+
+
+def check_same(p_mesh, p_one, lp):
+  """Factors equal one device's and keep what lora_shardings says."""
+  shardings = factors(lora_shardings(lp))
+  one = factors(p_one)
+  for path, x in factors(p_mesh).items():
+    np.testing.assert_allclose(x, one[path], rtol=1e-5, atol=1e-6, err_msg=path)
+    assert x.sharding.is_equivalent_to(shardings[path], x.ndim), (path, x.sharding)
+
+
+# -------------------------------------------------------------- training
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "silu"])
+def test_linen_tensor_parallel_train_step_matches_one_device(mesh, act):
+  lp, p, p1 = train_both(mesh, MLP(act, P("data", None)), MLP(act), SPECS,
+                         lj.LoraConfig(rank=R))
+  check_same(p, p1, lp)
+  assert p["up"]["kernel"].b.sharding.spec == P(None, "model")
+  assert p["down"]["kernel"].a.sharding.spec == P("model", None)
+  np.testing.assert_array_equal(p["down"]["kernel"].w, lp["down"]["kernel"].w)
+
+
+def test_scanned_layers_train_like_one_device(mesh):
+  lp, p, p1 = train_both(mesh, Scanned(P("data", None)), Scanned(), SCANNED_SPECS,
+                         lj.LoraConfig(rank=R, layouts={"layers/.*kernel": "sio"}))
+  check_same(p, p1, lp)
+  assert p["layers"]["MLP_0"]["down"]["kernel"].a.sharding.spec == P(None, "model", None)
+
+
+def test_lora_dropout_trains_like_one_device(mesh):
+  lp, p, p1 = train_both(mesh, MLP("relu", P("data", None)), MLP("relu"), SPECS,
+                         lj.LoraConfig(rank=R, dropout=0.25), rng=jax.random.key(3))
+  check_same(p, p1, lp)
+
+
+def test_dora_trains_like_one_device(mesh):
+  lp, p, p1 = train_both(mesh, MLP("relu", P("data", None)), MLP("relu"), SPECS,
+                         lj.LoraConfig(rank=R, dora=True))
+  check_same(p, p1, lp)
+
+
+# -------------------------------------------------------------- HLO check
+
+def all_gathers(hlo: str) -> list[tuple[int, ...]]:
+  shapes = []
+  for m in re.finditer(r"= \(?([a-z0-9]+\[[0-9,]*\][^ ]*)\)? all-gather(?:-start)?\(", hlo):
+    for dims in re.findall(r"\[([0-9,]*)\]", m.group(1)):
+      shapes.append(tuple(int(d) for d in dims.split(",") if d))
+  return shapes
+
+
+def test_lora_branch_gathers_no_kernel(mesh):
+  model = MLP("relu", P("data", None))
+  with jax.set_mesh(mesh):
+    params = placed(model, SPECS, mesh)
+    lp = lj.lora_init(jax.random.key(1), params, lj.LoraConfig(rank=R))
+    x, y = data(mesh)
+    tx = lj.optimizer(optax.adam(1e-2), lp)
+    hlo = jax.jit(make_step(lj.lora(model.apply), tx)).lower(
+        lp, tx.init(lp), x, y).compile().as_text()
+    full_tx = optax.adam(1e-2)
+    full = jax.jit(make_step(model.apply, full_tx)).lower(
+        params, full_tx.init(params), x, y).compile().as_text()
+  gathered = all_gathers(hlo)
+  assert all(np.prod(s) < D * F for s in gathered), gathered
+  assert len(gathered) <= len(all_gathers(full)), (gathered, all_gathers(full))
+  assert "all-reduce" in hlo and "num_partitions=8" in hlo
+
+
+# ------------------------------------------------------------ merge, save
+
+def test_donated_merge_keeps_each_kernel_sharding(mesh):
+  with jax.set_mesh(mesh):
+    lp = bumped(lj.lora_init(jax.random.key(1), placed(MLP(), SPECS, mesh),
+                             lj.LoraConfig(rank=R)))
+    expected = lj.merge(jax.device_get(lp))
+    with warnings.catch_warnings():
+      warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+      merged = jax.jit(lj.merge, donate_argnums=0)(lp)
+  assert lp["up"]["kernel"].w.is_deleted()
+  for name in ("up", "down"):
+    k = merged[name]["kernel"]
+    assert k.sharding.spec == SPECS[name]["kernel"], (name, k.sharding)
+    np.testing.assert_allclose(k, expected[name]["kernel"], rtol=1e-6, atol=1e-7)
+
+
+def test_save_and_load_on_an_explicit_mesh(mesh, tmp_path):
+  with jax.set_mesh(mesh):
+    params = placed(MLP(), SPECS, mesh)
+    lp = bumped(lj.lora_init(jax.random.key(1), params, lj.LoraConfig(rank=R)))
+    lj.save_adapter(str(tmp_path / "a"), lp)
+    back = lj.load_adapter(str(tmp_path / "a"), params)
+  expected = factors(lora_shardings(lp))
+  for path, x in factors(back).items():
+    np.testing.assert_array_equal(x, factors(lp)[path])
+    assert x.sharding.is_equivalent_to(expected[path], x.ndim), path
