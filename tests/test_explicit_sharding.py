@@ -232,3 +232,111 @@ def test_save_and_load_on_an_explicit_mesh(mesh, tmp_path):
   for path, x in factors(back).items():
     np.testing.assert_array_equal(x, factors(lp)[path])
     assert x.sharding.is_equivalent_to(expected[path], x.ndim), path
+
+
+# ------------------------------------------------------------------- NNX
+
+class NnxMLP(nnx.Module):
+  def __init__(self, rngs, row_out=None):
+    init = lambda names: nnx.with_partitioning(nnx.initializers.lecun_normal(), names)
+    self.up = nnx.Linear(D, F, kernel_init=init((None, "model")), rngs=rngs)
+    self.down = nnx.Linear(F, D, kernel_init=init(("model", None)), rngs=rngs)
+    self.row_out = row_out
+
+  def __call__(self, x):
+    return self.down(nnx.gelu(self.up(x)), out_sharding=self.row_out)
+
+
+def test_nnx_tensor_parallel_train_step_matches_one_device(mesh):
+  with jax.set_mesh(mesh):
+    graphdef, state = nnx.split(NnxMLP(nnx.Rngs(0), P("data", None)))
+    lp = bumped(lj.lora_init(jax.random.key(1), state,
+                             lj.LoraConfig(rank=R, targets=r".*kernel")))
+    up = lp["up"]["kernel"].get_raw_value()
+    assert up.w.sharding.spec == P(None, "model") and up.b.sharding.spec == P(None, "model")
+    apply = lj.lora(lambda st, x: nnx.merge(graphdef, st)(x))
+    grad = jax.jit(jax.grad(lambda p, x: jnp.mean(apply(p, x) ** 2)))
+    g = grad(lp, data(mesh)[0])
+    ref_graphdef = nnx.split(NnxMLP(nnx.Rngs(0)))[0]  # no out_sharding: one device
+  ref = lj.lora(lambda st, x: nnx.merge(ref_graphdef, st)(x))
+  g_one = jax.jit(jax.grad(lambda p, x: jnp.mean(ref(p, x) ** 2)))(
+      jax.device_get(lp), data()[0])
+  spec = lora_shardings(lp)
+  for name in ("up", "down"):
+    for f in ("a", "b"):
+      got = getattr(g[name]["kernel"].get_raw_value(), f)
+      np.testing.assert_allclose(got, getattr(g_one[name]["kernel"].get_raw_value(), f),
+                                 rtol=1e-5, atol=1e-6)
+      want = getattr(spec[name]["kernel"].get_raw_value(), f)
+      assert got.sharding.spec == want, (name, f, got.sharding, want)
+
+
+# ------------------------------------------------------------------ stacks
+
+def test_stack_with_adapter_ids_matches_one_device(mesh):
+  model = MLP("relu", P("data", None))
+  with jax.set_mesh(mesh):
+    params = placed(model, SPECS, mesh)
+    adapters = [lj.adapter(bumped(lj.lora_init(jax.random.key(k), params,
+                                               lj.LoraConfig(rank=R)))) for k in (1, 2)]
+    stacked = lj.attach(params, lj.stack_adapters(adapters))
+    ids = jax.device_put(jnp.array([0, 1, -1, 1] * 4, jnp.int32), NamedSharding(mesh, P("data")))
+    x = data(mesh)[0]
+    f = jax.jit(lambda p, x, ids: lj.lora(model.apply)({"params": p}, x, adapter_ids=ids))
+    y = f(stacked, x, ids)
+    g = jax.jit(jax.grad(lambda p, x, ids: jnp.sum(
+        lj.lora(model.apply)({"params": p}, x, adapter_ids=ids) ** 2), argnums=1))(
+            stacked, x, ids)
+  one = jax.device_get(stacked)
+  ref = lj.lora(MLP("relu").apply)
+  y1 = ref({"params": one}, data()[0], adapter_ids=np.asarray(ids))
+  g1 = jax.grad(lambda x: jnp.sum(ref({"params": one}, x, adapter_ids=np.asarray(ids)) ** 2))(
+      data()[0])
+  np.testing.assert_allclose(y, y1, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(g, g1, rtol=1e-5, atol=1e-5)
+  assert y.sharding.spec == P("data", None)
+
+
+# ------------------------------------------------------------------ QLoRA
+
+def qlora_fn(row_out):
+  def f(p, x):
+    h = jax.nn.silu(x @ p["up"])
+    return jnp.einsum("bf,fd->bd", h, p["down"], out_sharding=row_out)
+  return f
+
+
+@pytest.mark.parametrize("kind, double_quant", [("nf4", True), ("int8", False),
+                                                ("int4", False)])
+def test_qlora_train_step_matches_one_device(mesh, kind, double_quant):
+  ws = {"up": jax.random.normal(jax.random.key(0), (D * 4, F)) * 0.05,
+        "down": jax.random.normal(jax.random.key(1), (F, D * 4)) * 0.05}
+  qcfg = lj.QuantConfig(targets=".*", kind=kind, double_quant=double_quant)
+  cfg = lj.LoraConfig(rank=R, targets=".*")
+  specs = {"up": P(None, "model"), "down": P("model", None)}
+  with jax.set_mesh(mesh):
+    placed_ws = {k: jax.device_put(w, NamedSharding(mesh, specs[k])) for k, w in ws.items()}
+    q = lj.quantize(placed_ws, qcfg)
+    assert q["up"].codes.sharding.spec == P("model", None)       # (out, in/2)
+    lp = bumped(lj.lora_init(jax.random.key(2), q, cfg))
+    x = jax.device_put(jax.random.normal(jax.random.key(3), (16, D * 4)),
+                       NamedSharding(mesh, P("data")))
+    loss = lambda p, x: jnp.mean(lj.lora(qlora_fn(P("data", None)))(p, x) ** 2)
+    compiled = jax.jit(jax.grad(loss, allow_int=True)).lower(lp, x).compile()
+    g, hlo = compiled(lp, x), compiled.as_text()
+  q1 = lj.quantize(ws, qcfg)
+  for k in ws:  # the codes do not depend on the mesh
+    np.testing.assert_array_equal(q1[k].codes, q[k].codes)
+  lp1 = jax.device_get(lp)
+  g1 = jax.grad(lambda p, x: jnp.mean(lj.lora(qlora_fn(None))(p, x) ** 2), allow_int=True)(
+      lp1, np.asarray(x))
+  want = factors(lora_shardings(lp))
+  got, one = factors(g), factors(g1)
+  for path, v in got.items():
+    np.testing.assert_allclose(v, one[path], rtol=1e-5, atol=1e-6, err_msg=path)
+    assert v.sharding.is_equivalent_to(want[path], v.ndim), (path, v.sharding)
+  assert want["['up']b"].spec == P(None, "model")
+  assert all(np.prod(s) < D * 4 * F // 2 for s in all_gathers(hlo)), all_gathers(hlo)
+  merged = lj.merge(lp)
+  np.testing.assert_allclose(merged["down"], lj.merge(lp1)["down"], rtol=1e-5, atol=1e-6)
+  assert merged["down"].sharding.spec == P("model", None)

@@ -20,6 +20,7 @@ On an auto (or no) mesh both return ``None``: the compiler chooses, as before.
 """
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 
@@ -49,6 +50,8 @@ def used_axes(spec) -> set:
 def stand_in(w) -> jax.ShapeDtypeStruct:
   """An abstract array of ``w``'s shape and dtype, typed with its explicit
   sharding when it has one (what ``lora()`` traces the model with)."""
+  if hasattr(w, "codes"):  # a QuantizedWeight (this module imports no lora_jax type)
+    return stand_in_quantized(w)
   s = explicit_sharding(w)
   if s is None or not used_axes(s.spec):
     return jax.ShapeDtypeStruct(w.shape, w.dtype)
@@ -91,3 +94,63 @@ def like(x, entries):
   (None off an explicit mesh: let the compiler choose)."""
   s = explicit_sharding(x)
   return None if s is None else NamedSharding(s.mesh, PartitionSpec(*entries))
+
+
+def take(x, idx, axis: int = 0, mode: str = "clip"):
+  """``jnp.take(x, idx, axis)`` for a 1-D ``idx``; on an explicit mesh the
+  gathered axis takes ``idx``'s sharding (a stack's per-example rows follow the
+  batch) and ``x``'s other axes keep theirs, less any mesh axis ``idx`` uses."""
+  xs = spec_of(x)
+  if xs is None:
+    return jnp.take(x, idx, axis=axis, mode=mode)
+  ids = spec_of(idx)
+  row = None if ids is None else ids[0]
+  taken = used_axes(PartitionSpec(row))
+  keep = [None if used_axes(PartitionSpec(e)) & taken else e for e in xs]
+  keep[axis] = row
+  index = (slice(None),) * axis + (idx,)
+  return x.at[index].get(mode=mode, out_sharding=like(x, keep))
+
+
+# ------------------------------------------------------- quantized kernels
+
+def quantized_kernel_sharding(q):
+  """The explicit ``NamedSharding`` of the kernel a QuantizedWeight stands for,
+  read from its codes' type (codes are ``stack + (out, in // k)``: the kernel
+  gets the stacked axes' specs, and its first output and first input axis the
+  codes' out and in specs); None off an explicit mesh."""
+  s = explicit_sharding(q.codes)
+  if s is None:
+    return None
+  spec = _padded(s.spec, q.codes.ndim)
+  roles = q.roles
+  firsts = {r: roles.index(r) for r in "io" if r in roles}
+  kernel = [spec[d] if r == "s" else spec[-2 if r == "o" else -1] if d == firsts[r]
+            else None for d, r in enumerate(roles)]
+  return NamedSharding(s.mesh, PartitionSpec(*kernel))
+
+
+def in_auto_axes(f, out_sharding, like_array=None):
+  """``f`` run with the mesh's axes automatic (the compiler shards its
+  gathers and reshapes), its result typed ``out_sharding``.
+
+  Outside any mesh context (an eager call on committed arrays) the mesh of
+  ``like_array``'s ``NamedSharding`` is entered for the call.
+  """
+  g = jax.sharding.auto_axes(f, out_sharding=out_sharding)
+  mesh = getattr(getattr(like_array, "sharding", None), "mesh", None)
+  if not jax.sharding.get_abstract_mesh().empty or not isinstance(mesh, jax.sharding.Mesh):
+    return g
+
+  def entered(*args):
+    with jax.set_mesh(mesh):
+      return g(*args)
+  return entered
+
+
+def stand_in_quantized(q) -> jax.ShapeDtypeStruct:
+  """The abstract kernel a QuantizedWeight stands for, with its explicit sharding."""
+  s = quantized_kernel_sharding(q)
+  if s is None or not used_axes(s.spec):
+    return jax.ShapeDtypeStruct(q.shape, q.dtype)
+  return jax.ShapeDtypeStruct(q.shape, q.dtype, sharding=s)

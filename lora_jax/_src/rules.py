@@ -267,8 +267,8 @@ def _rows(ctx, v: _Lazy, rows: int):
   under ``jit`` poisons its row instead of reading another adapter.
   """
   k, scale = _row_ids(ctx, v, rows)
-  a = jnp.take(v.a, k, axis=v.a_dims.index(ADAPTER), mode="clip")  # k is in range
-  b = jnp.take(v.b, k, axis=v.b_dims.index(ADAPTER), mode="clip")
+  a = explicit.take(v.a, k, axis=v.a_dims.index(ADAPTER), mode="clip")  # k is in range
+  b = explicit.take(v.b, k, axis=v.b_dims.index(ADAPTER), mode="clip")
   return a, b, scale
 
 
@@ -281,7 +281,7 @@ def _row_ids(ctx, v: _Lazy, rows: int):
   n = v.a.shape[v.a_dims.index(ADAPTER)]
   k = jnp.clip(ids, 0, n - 1)
   scale = jnp.where(ids == -1, 0.0, jnp.where((ids >= 0) & (ids < n),
-                                              jnp.take(v.scale, k, mode="clip"), jnp.nan))
+                                              explicit.take(v.scale, k, mode="clip"), jnp.nan))
   return k, scale
 
 

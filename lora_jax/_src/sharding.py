@@ -162,6 +162,9 @@ def _own_sharding(x):
     return x
   if isinstance(x, jax.core.Tracer):
     return None
+  if hasattr(x, "codes"):  # a QuantizedWeight: its kernel's sharding, read from the codes
+    from lora_jax._src import quant_sharding
+    return quant_sharding.kernel_sharding(x)
   return getattr(x, "sharding", None)
 
 

@@ -61,7 +61,7 @@ def _split_args(args, kwargs):
       abstract.append(explicit.stand_in(leaf.w))
     elif is_quantized(leaf):  # a rank-0 lazy value: dequantized where consumed
       dynamic.append(_Lazy.from_weight(quant_rules.rank0(leaf), where_))
-      abstract.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+      abstract.append(explicit.stand_in(leaf))
     elif tree.is_array(leaf) or isinstance(leaf, jax.core.Tracer):
       dynamic.append(leaf)
       abstract.append(leaf)
