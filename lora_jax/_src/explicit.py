@@ -154,3 +154,112 @@ def stand_in_quantized(q) -> jax.ShapeDtypeStruct:
   if s is None or not used_axes(s.spec):
     return jax.ShapeDtypeStruct(q.shape, q.dtype)
   return jax.ShapeDtypeStruct(q.shape, q.dtype, sharding=s)
+
+
+# ------------------------------------------------------------- bad input
+
+def check_divides(where: str, shape, sharding) -> None:
+  """Raise if ``sharding`` (a NamedSharding) splits an axis of ``shape``
+  unevenly: the error names the kernel, its shape, the axis and the mesh size."""
+  if not isinstance(sharding, NamedSharding) or shape is None:
+    return
+  sizes = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_sizes))
+  for d, (n, e) in enumerate(zip(shape, _padded(sharding.spec, len(shape)))):
+    names = used_axes(PartitionSpec(e))
+    ways = 1
+    for name in names:
+      ways *= sizes.get(name, 1)
+    if n % ways:
+      raise ValueError(
+          f"{where}: kernel of shape {tuple(shape)} has axis {d} (size {n}) split over "
+          f"mesh axes {tuple(sorted(names))} of total size {ways}, which does not divide "
+          f"{n} (mesh {dict(sizes)}). Use a mesh whose {tuple(sorted(names))} size "
+          f"divides {n}, or replicate that axis (None at position {d} of its "
+          "PartitionSpec).")
+
+
+# --------------------------------------------- a model's ops on explicit axes
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                out_sharding=None):
+  """``lax.dot_general`` that names its output sharding on an explicit mesh.
+
+  For Flax ``Dense(dot_general=...)``: the output keeps ``lhs``'s specs on its
+  free axes and ``rhs``'s on its own (a mesh axis used by both goes to
+  ``lhs``), so a row-parallel kernel's contraction over a sharded axis is
+  reduced into the batch-sharded output. Elsewhere it is ``lax.dot_general``.
+  """
+  if out_sharding is None:
+    ls, rs = spec_of(lhs), spec_of(rhs)
+    if ls is not None or rs is not None:
+      ls = ls or (None,) * lhs.ndim
+      rs = rs or (None,) * rhs.ndim
+      (lc, rc), (lb, rb) = dimension_numbers
+      batch = [ls[d] for d in lb]
+      free_l = [ls[d] for d in range(lhs.ndim) if d not in lc and d not in lb]
+      free_r = [rs[d] for d in range(rhs.ndim) if d not in rc and d not in rb]
+      taken = used_axes(PartitionSpec(*batch, *free_l))
+      free_r = [None if used_axes(PartitionSpec(e)) & taken else e for e in free_r]
+      out_sharding = like(lhs if spec_of(lhs) is not None else rhs,
+                          batch + free_l + free_r)
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type,
+                             out_sharding=out_sharding)
+
+
+def lookup(table, ids):
+  """``table[ids]`` (an embedding lookup): on an explicit mesh the rows come
+  out sharded like ``ids`` (the batch), the feature axis replicated."""
+  s = spec_of(ids)
+  if s is None:
+    return jnp.take(table, ids, axis=0)
+  return table.at[ids].get(out_sharding=like(ids, s + (None,) * (table.ndim - 1)))
+
+
+def reshape(x, shape):
+  """``x.reshape(shape)``; on an explicit mesh the axes the reshape leaves
+  alone at both ends keep their specs, and of the regrouped axes the first new
+  one takes the first old one's spec if its mesh size divides it (heads over
+  'model'), the rest replicated. Elsewhere a plain reshape."""
+  s = explicit_sharding(x)
+  shape = tuple(shape)
+  if s is None:
+    return x.reshape(shape)
+  spec = _padded(s.spec, x.ndim)
+  old = tuple(x.shape)
+  k = 0
+  while k < min(len(old), len(shape)) and old[k] == shape[k]:
+    k += 1
+  m = 0
+  while m < min(len(old), len(shape)) - k and old[-1 - m] == shape[-1 - m]:
+    m += 1
+  new = [None] * len(shape)
+  new[:k] = spec[:k]
+  if m:
+    new[len(shape) - m:] = spec[len(old) - m:]
+  if k < len(shape) - m and k < len(old) - m:
+    sizes = dict(zip(s.mesh.axis_names, s.mesh.axis_sizes))
+    ways = 1
+    for n in used_axes(PartitionSpec(spec[k])):
+      ways *= sizes[n]
+    new[k] = spec[k] if shape[k] % ways == 0 else None
+  return jax.lax.reshape(x, shape, out_sharding=NamedSharding(s.mesh, PartitionSpec(*new)))
+
+
+def typed_like(f, *like):
+  """``f`` run in auto axes with its outputs typed like the arrays ``like``
+  (an in-place update of a cache keeps the cache's sharding, whatever its
+  updates'); off an explicit mesh, ``f`` itself."""
+  specs = [spec_of(x) for x in like]
+  if any(s is None for s in specs):
+    return f
+  return in_auto_axes(f, tuple(PartitionSpec(*s) for s in specs))
+
+
+def rows_like(x, ref):
+  """``x`` resharded so its leading (batch) axis is split like ``ref``'s, on
+  an explicit mesh (a loop carry that meets per-row values); else ``x``."""
+  s = spec_of(ref)
+  if s is None:
+    return x
+  return jax.sharding.reshard(x, like(ref, (s[0],) + (None,) * (x.ndim - 1)))
