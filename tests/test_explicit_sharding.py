@@ -340,3 +340,98 @@ def test_qlora_train_step_matches_one_device(mesh, kind, double_quant):
   merged = lj.merge(lp)
   np.testing.assert_allclose(merged["down"], lj.merge(lp1)["down"], rtol=1e-5, atol=1e-6)
   assert merged["down"].sharding.spec == P("model", None)
+
+
+# ------------------------------------------------- bundled Llama and Mixtral
+
+TP_RULES = [(r".*(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel", (None, "model")),
+            (r".*(o_proj|down_proj)/kernel", ("model", None)),
+            (r"lm_head/kernel", (None, "model")),
+            (r".*experts/gate_up_proj", (None, "model", None)),  # (E, 2 ff, d)
+            (r".*experts/down_proj", (None, None, "model"))]      # (E, d, ff)
+
+
+def tp_specs(params):
+  def spec(path, x):
+    p = jax.tree_util.keystr(path, simple=True, separator="/")
+    for pattern, axes in TP_RULES:
+      if re.fullmatch(pattern, p):
+        return P(*((None,) * (x.ndim - len(axes)) + axes))
+    return P()
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def any_mesh(kind):
+  return jax.make_mesh((2, 4), ("data", "model"), axis_types=(kind,) * 2)
+
+
+def tp_run(mesh, params, config, apply, ids, extra=None):
+  """Grads (and ``extra``'s output) on the mesh and on one device."""
+  loss = lambda p, ids: jnp.mean(apply(p, ids) ** 2)
+  grad = jax.grad(loss, allow_int=True)
+  with jax.set_mesh(mesh):
+    placed_p = jax.device_put(params, jax.tree.map(lambda s: NamedSharding(mesh, s),
+                                                   tp_specs(params)))
+    lp = bumped(lj.lora_init(jax.random.key(2), placed_p, config))
+    ids_m = jax.device_put(ids, NamedSharding(mesh, P("data")))
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", lj.LoraFallbackWarning)
+      g = jax.jit(grad)(lp, ids_m)
+      more = extra(lp, ids_m) if extra else None
+  lp1 = jax.device_get(lp)
+  g1 = jax.jit(grad)(lp1, ids)
+  want = factors(lora_shardings(lp))
+  got, one = factors(g), factors(g1)
+  for path, v in got.items():
+    np.testing.assert_allclose(v, one[path], rtol=1e-5, atol=1e-6, err_msg=path)
+    assert v.sharding.is_equivalent_to(want[path], v.ndim), (path, v.sharding)
+  return more, (extra(lp1, ids) if extra else None)
+
+
+@pytest.mark.parametrize("kind", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
+def test_llama_tensor_parallel_trains_and_generates(kind):
+  from lora_jax.models import Llama, LlamaConfig, generate_cached, init_cache, init_params
+  cfg = LlamaConfig.tiny(scan_layers=True)
+  model = Llama(cfg)
+  apply = lambda p, ids, **kw: lj.lora(model.apply)({"params": p}, ids, **kw)
+  make_cache = functools.partial(init_cache, cfg)
+  gen = lambda p, ids: generate_cached(apply, p, ids, 3, make_cache=make_cache)
+  ids = jax.random.randint(jax.random.key(1), (4, 6), 0, cfg.vocab_size)
+  mesh = any_mesh(kind)
+  with jax.set_mesh(mesh):
+    params = init_params(cfg)  # compiled for this mesh (a cached init is per mesh)
+  tokens, tokens1 = tp_run(mesh, jax.device_get(params),
+                           lj.LoraConfig(rank=R, layouts={"layers/.*kernel": "sio"}),
+                           apply, ids, gen)
+  np.testing.assert_array_equal(tokens, tokens1)
+
+
+@pytest.mark.parametrize("kind", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
+def test_mixtral_tensor_parallel_trains(kind):
+  from lora_jax.models import Mixtral, MixtralConfig, init_moe_params
+  cfg = MixtralConfig.tiny()
+  model = Mixtral(cfg)
+  apply = lambda p, ids: lj.lora(model.apply)({"params": p}, ids)
+  ids = jax.random.randint(jax.random.key(1), (4, 6), 0, cfg.vocab_size)
+  tp_run(any_mesh(kind), init_moe_params(cfg),
+         lj.LoraConfig(rank=R, targets=".*(kernel|proj)", layouts={".*experts/.*": "soi"}),
+         apply, ids)
+
+
+def test_init_params_under_two_meshes():
+  from lora_jax.models import LlamaConfig, init_params
+  cfg = LlamaConfig.tiny(vocab_size=96)
+  for kind in (AxisType.Explicit, AxisType.Auto, AxisType.Explicit):
+    with jax.set_mesh(any_mesh(kind)):
+      assert init_params(cfg)["lm_head"]["kernel"].shape == (32, 96)
+  assert init_params(cfg)["lm_head"]["kernel"].shape == (32, 96)
+
+
+# --------------------------------------------------------------- bad input
+
+def test_a_mesh_that_does_not_divide_a_kernel_axis_is_named(mesh):
+  abstract = jax.eval_shape(lambda: lj.lora_init(
+      jax.random.key(0), {"k": jnp.ones((30, 16))}, lj.LoraConfig(rank=2, targets="k")))
+  with pytest.raises(ValueError, match=r"at k: kernel of shape \(30, 16\) has axis 0 "
+                     r"\(size 30\) split over mesh axes \('model',\) of total size 4"):
+    lora_shardings(abstract, base={"k": NamedSharding(mesh, P("model", None))})

@@ -263,3 +263,25 @@ def rows_like(x, ref):
   if s is None:
     return x
   return jax.sharding.reshard(x, like(ref, (s[0],) + (None,) * (x.ndim - 1)))
+
+
+def replicated(x):
+  """``x`` resharded whole onto every device on an explicit mesh (a global
+  sort or scatter over the token axis: a mixture of experts' routing); else ``x``."""
+  if spec_of(x) is None:
+    return x
+  return jax.sharding.reshard(x, like(x, (None,) * x.ndim))
+
+
+def rows_by_cols(x, w, out_axis: int):
+  """The explicit sharding of ``x (m, in) · w`` with ``w``'s output axis
+  ``out_axis``: ``x``'s rows' spec by ``w``'s output spec (a mesh axis both
+  use stays with the rows); None off an explicit mesh."""
+  xs, ws = spec_of(x), spec_of(w)
+  if xs is None and ws is None:
+    return None
+  row = None if xs is None else xs[0]
+  col = None if ws is None else ws[out_axis]
+  if used_axes(PartitionSpec(col)) & used_axes(PartitionSpec(row)):
+    col = None
+  return like(x if xs is not None else w, (row, col))

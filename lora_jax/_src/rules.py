@@ -485,11 +485,21 @@ def _ragged_dot(ctx, eqn, invals):
     return fallback(ctx, eqn, invals)
   y = bind(eqn, [lhs, lax.stop_gradient(rhs.w), sizes])[0]
   prec, pref = p.get("precision"), p.get("preferred_element_type")
+  t_out, z_out = explicit.factored_dot_shardings(y, ["m", "o"], ["m", "r"])  # explicit axes
   t = lax.ragged_dot(ctx.dropout(lhs, rhs.dropout), a_k, sizes, precision=prec,
-                     preferred_element_type=pref)
+                     preferred_element_type=pref, out_sharding=t_out)
   t = t * jnp.asarray(rhs.scale, t.dtype)
-  z = lax.ragged_dot(t, b_k, sizes, precision=prec, preferred_element_type=pref)
+  if z_out is None:
+    z = lax.ragged_dot(t, b_k, sizes, precision=prec, preferred_element_type=pref)
+  else:  # explicit axes: B as (E, out, r), the layout whose sharded lowering works
+    z = lax.ragged_dot_general(t, jnp.swapaxes(b_k, 1, 2), sizes, _B_LAST, precision=prec,
+                               preferred_element_type=pref, out_sharding=z_out)
   return [y + z.astype(y.dtype)]
+
+
+_B_LAST = lax.RaggedDotDimensionNumbers(  # t (m, r) · B[g] (out, r)
+    dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=(0,),
+    rhs_group_dimensions=(0,))
 
 
 def _factor_as(x, dims, order):

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._src import quant_rules, rules  # noqa: F401  (they register their rules)
+from lora_jax._src import explicit_rules, quant_rules, rules  # noqa: F401  (they register their rules)
 from lora_jax._src import explicit, tree
 from lora_jax._src.interpreter import (LoraFallbackWarning, _Context, _Lazy, concrete,
                                        eval_jaxpr, is_lazy)
