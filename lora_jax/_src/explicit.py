@@ -16,7 +16,17 @@ tells it:
   sharded axis) reduces only a ``(tokens, r)`` array, and no kernel-sized
   array is ever gathered.
 
-On an auto (or no) mesh both return ``None``: the compiler chooses, as before.
+* ``take``: a stack's per-example factors, gathered sharded like the batch.
+* ``quantized_kernel_sharding`` / ``in_auto_axes``: a QuantizedWeight's
+  blockwise (de)quantization runs in automatic axes, typed like its kernel.
+* ``dot_general``, ``lookup``, ``reshape``, ``typed_like``, ``rows_like``,
+  ``replicated``, ``rows_by_cols``: what the bundled Llama and Mixtral name
+  on explicit axes (each is the plain op elsewhere).
+* ``check_divides``: a mesh that does not divide a kernel axis, named.
+
+Off an explicit mesh (auto axes, or none) every helper returns ``None`` or
+runs the plain op: the compiler chooses, as before, and the programs are
+unchanged.
 """
 
 import jax
