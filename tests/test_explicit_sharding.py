@@ -395,7 +395,7 @@ def test_llama_tensor_parallel_trains_and_generates(kind):
   model = Llama(cfg)
   apply = lambda p, ids, **kw: lj.lora(model.apply)({"params": p}, ids, **kw)
   make_cache = functools.partial(init_cache, cfg)
-  gen = lambda p, ids: generate_cached(apply, p, ids, 3, make_cache=make_cache)
+  gen = lambda p, ids: generate_cached(apply, p, ids, 2, make_cache=make_cache)
   ids = jax.random.randint(jax.random.key(1), (4, 6), 0, cfg.vocab_size)
   mesh = any_mesh(kind)
   with jax.set_mesh(mesh):
@@ -406,8 +406,9 @@ def test_llama_tensor_parallel_trains_and_generates(kind):
   np.testing.assert_array_equal(tokens, tokens1)
 
 
-@pytest.mark.parametrize("kind", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
-def test_mixtral_tensor_parallel_trains(kind):
+def test_mixtral_tensor_parallel_trains():
+  """Explicit axes (auto meshes run the same model code, checked for the Llama)."""
+  kind = AxisType.Explicit
   from lora_jax.models import Mixtral, MixtralConfig, init_moe_params
   cfg = MixtralConfig.tiny()
   model = Mixtral(cfg)
@@ -421,10 +422,9 @@ def test_mixtral_tensor_parallel_trains(kind):
 def test_init_params_under_two_meshes():
   from lora_jax.models import LlamaConfig, init_params
   cfg = LlamaConfig.tiny(vocab_size=96)
-  for kind in (AxisType.Explicit, AxisType.Auto, AxisType.Explicit):
+  for kind in (AxisType.Explicit, AxisType.Auto):  # a second mesh, a second init
     with jax.set_mesh(any_mesh(kind)):
       assert init_params(cfg)["lm_head"]["kernel"].shape == (32, 96)
-  assert init_params(cfg)["lm_head"]["kernel"].shape == (32, 96)
 
 
 # --------------------------------------------------------------- bad input
