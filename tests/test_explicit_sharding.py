@@ -435,3 +435,28 @@ def test_a_mesh_that_does_not_divide_a_kernel_axis_is_named(mesh):
   with pytest.raises(ValueError, match=r"at k: kernel of shape \(30, 16\) has axis 0 "
                      r"\(size 30\) split over mesh axes \('model',\) of total size 4"):
     lora_shardings(abstract, base={"k": NamedSharding(mesh, P("model", None))})
+
+
+def test_qlora_and_stack_save_load_and_donated_merge(mesh, tmp_path):
+  with jax.set_mesh(mesh):
+    ws = {"up": jax.device_put(jax.random.normal(jax.random.key(0), (D * 4, F)) * 0.05,
+                               NamedSharding(mesh, P(None, "model")))}
+    q = lj.quantize(ws, lj.QuantConfig(targets=".*"))
+    lp = bumped(lj.lora_init(jax.random.key(2), q, lj.LoraConfig(rank=R, targets=".*")))
+    lj.save_adapter(str(tmp_path / "q"), lp)
+    saved_b = np.asarray(lp["up"].b)
+    back = lj.load_adapter(str(tmp_path / "q"), q)
+    stack = lj.stack_adapters([lj.adapter(lj.lora_init(
+        jax.random.key(k), ws, lj.LoraConfig(rank=R, targets=".*"))) for k in (1, 2)])
+    lj.save_adapter(str(tmp_path / "s"), stack)
+    stack_back = lj.load_adapter(str(tmp_path / "s"), ws)
+    expected = lj.merge(jax.device_get(lp))["up"]
+    with warnings.catch_warnings():
+      warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+      merged = jax.jit(lj.merge, donate_argnums=0)(lp)["up"]
+  np.testing.assert_array_equal(back["up"].b, saved_b)
+  assert back["up"].b.sharding.spec == P(None, "model")
+  assert stack_back["up"].b.sharding.spec == P(None, None, "model")
+  np.testing.assert_array_equal(stack_back["up"].b, stack["up"].b)
+  assert merged.sharding.spec == P(None, "model")
+  np.testing.assert_allclose(merged, expected, rtol=1e-5, atol=1e-6)
