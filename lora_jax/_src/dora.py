@@ -15,6 +15,7 @@ The norm is a constant to autodiff (``stop_gradient``, as PEFT's
 import jax
 import jax.numpy as jnp
 
+from lora_jax._src import explicit
 from lora_jax._src.weight import LoraWeight, einsum_specs
 
 
@@ -50,9 +51,12 @@ def column_norm(lw: LoraWeight, w=None) -> jax.Array:
   w, a, b = (jax.lax.stop_gradient(x) for x in _flat(lw, w, lw.a, lw.b))
   s = lw.scale
   ww = jnp.sum(w * w, axis=-2)
-  aw = jnp.einsum("...ir,...io->...ro", a, w)
+  ws = explicit.spec_of(w)  # explicit axes: the (r, out) products keep w's out axis
+  aw = jnp.einsum("...ir,...io->...ro", a, w, out_sharding=None if ws is None else
+                  explicit.like(w, ws[:-2] + (None, ws[-1])))
   cross = jnp.sum(aw * b, axis=-2)
-  aa = jnp.einsum("...ir,...iq->...rq", a, a)
+  aa = jnp.einsum("...ir,...iq->...rq", a, a, out_sharding=None if ws is None else
+                  explicit.like(w, ws[:-2] + (None, None)))
   quad = jnp.sum(jnp.einsum("...rq,...qo->...ro", aa, b) * b, axis=-2)
   sq = jnp.maximum(ww + 2.0 * s * cross + (s * s) * quad, 0.0)
   n_s = lw.roles.count("s")

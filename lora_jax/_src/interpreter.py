@@ -249,7 +249,8 @@ def eval_jaxpr(jaxpr, consts, args, ctx: _Context):
         rule = fallback  # W' formed: correct, warned (or refused when strict)
       for wrap in WRAPPERS:  # quantized kernels: dequantized where consumed
         rule = functools.partial(wrap, rule)
-      outs = compat.run_rule(rule, ctx, eqn, invals)
+      with eqn.ctx.manager:  # the eqn's context, e.g. auto_axes' mesh
+        outs = compat.run_rule(rule, ctx, eqn, invals)
     else:
       outs = bind(eqn, invals)
     for v, x in zip(eqn.outvars, outs):

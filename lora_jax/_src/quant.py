@@ -175,6 +175,13 @@ class QuantizedWeight(FrozenKernel):
 
   def dequantize(self, dtype=None) -> jax.Array:
     """The kernel, in ``dtype`` (default ``self.dtype``), with its own axes."""
+    from lora_jax._src import explicit
+    s = explicit.quantized_kernel_sharding(self)
+    if s is not None:  # explicit axes: typed like the kernel it stands for
+      return explicit.in_auto_axes(lambda q: q._dequantize(dtype), s.spec, self.codes)(self)
+    return self._dequantize(dtype)
+
+  def _dequantize(self, dtype=None) -> jax.Array:
     m = fmt.dequantize_blocks(self.codes, self.scales(), self.kind,
                               dtype or self.dtype)
     roles = self.roles
@@ -221,7 +228,16 @@ def _quantize_layers(m, kind: str, block_size: int, double_quant: bool):
   """Quantize ``m`` (layers, out, in) one layer at a time: the float32
   temporaries are one layer's (a loop inside one XLA program would let
   XLA:CPU hoist the float32 convert of the whole stack out of it)."""
-  outs = [_quantize_layer(m[k], kind, block_size, double_quant) for k in range(m.shape[0])]
+  one = functools.partial(_quantize_layer, kind=kind, block_size=block_size,
+                          double_quant=double_quant)
+  from lora_jax._src import explicit
+  if explicit.explicit_sharding(m) is not None:  # explicit axes: the compiler shards
+    n = 2 if not double_quant else 4             # (quantize places the result after)
+    one = explicit.in_auto_axes(
+        lambda x, f=one: f(x)[:n], (jax.sharding.PartitionSpec(),) * n, m)
+    outs = [tuple(one(m[k])) + (None,) * (4 - n) for k in range(m.shape[0])]
+  else:
+    outs = [one(m[k]) for k in range(m.shape[0])]
   return [None if outs[0][j] is None else jnp.stack([o[j] for o in outs])
           for j in range(4)]
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lora_jax._src import interpreter, layout, stack_strategies
+from lora_jax._src import explicit, interpreter, layout, stack_strategies
 from lora_jax._src.interpreter import (ADAPTER, _Lazy, bind, concrete, eval_jaxpr, fallback,
                                        is_lazy)
 
@@ -225,12 +225,13 @@ def _dot_general(ctx, eqn, invals):
   if v.stacked and how != "gather":  # onehot / segments: stack_strategies
     z = stack_strategies.dot(how, ctx, v, xd, xs, (f1, s1), (f2, s2), t_sub, out, prec, pref)
     return [y + z.astype(y.dtype)]
+  t_out, z_out = explicit.factored_dot_shardings(y, out, t_sub)  # explicit axes
   t = jnp.einsum(f"{''.join(xs)},{''.join(s1)}->{''.join(t_sub)}", xd, f1,
-                 precision=prec, preferred_element_type=pref)
+                 precision=prec, preferred_element_type=pref, out_sharding=t_out)
   t = t * (_row_scale(scale, t.ndim, t_sub.index(xs[0]), t.dtype) if v.stacked
            else jnp.asarray(scale, t.dtype))
   z = jnp.einsum(f"{''.join(t_sub)},{''.join(s2)}->{''.join(out)}", t, f2,
-                 precision=prec, preferred_element_type=pref)
+                 precision=prec, preferred_element_type=pref, out_sharding=z_out)
   if g is not None:
     g = jnp.squeeze(g, axis=v.b_dims.index(None))
     y = _dora_base(eqn, base, side, y, x, xd, g, g_sub, out)
@@ -274,8 +275,8 @@ def _rows(ctx, v: _Lazy, rows: int):
   under ``jit`` poisons its row instead of reading another adapter.
   """
   k, scale = _row_ids(ctx, v, rows)
-  a = jnp.take(v.a, k, axis=v.a_dims.index(ADAPTER), mode="clip")  # k is in range
-  b = jnp.take(v.b, k, axis=v.b_dims.index(ADAPTER), mode="clip")
+  a = explicit.take(v.a, k, axis=v.a_dims.index(ADAPTER), mode="clip")  # k is in range
+  b = explicit.take(v.b, k, axis=v.b_dims.index(ADAPTER), mode="clip")
   return a, b, scale
 
 
@@ -288,7 +289,7 @@ def _row_ids(ctx, v: _Lazy, rows: int):
   n = v.a.shape[v.a_dims.index(ADAPTER)]
   k = jnp.clip(ids, 0, n - 1)
   scale = jnp.where(ids == -1, 0.0, jnp.where((ids >= 0) & (ids < n),
-                                              jnp.take(v.scale, k, mode="clip"), jnp.nan))
+                                              explicit.take(v.scale, k, mode="clip"), jnp.nan))
   return k, scale
 
 
@@ -510,11 +511,21 @@ def _ragged_dot(ctx, eqn, invals):
     return fallback(ctx, eqn, invals)
   y = bind(eqn, [lhs, lax.stop_gradient(rhs.w), sizes])[0]
   prec, pref = p.get("precision"), p.get("preferred_element_type")
+  t_out, z_out = explicit.factored_dot_shardings(y, ["m", "o"], ["m", "r"])  # explicit axes
   t = lax.ragged_dot(ctx.dropout(lhs, rhs.dropout), a_k, sizes, precision=prec,
-                     preferred_element_type=pref)
+                     preferred_element_type=pref, out_sharding=t_out)
   t = t * jnp.asarray(rhs.scale, t.dtype)
-  z = lax.ragged_dot(t, b_k, sizes, precision=prec, preferred_element_type=pref)
+  if z_out is None:
+    z = lax.ragged_dot(t, b_k, sizes, precision=prec, preferred_element_type=pref)
+  else:  # explicit axes: B as (E, out, r), the layout whose sharded lowering works
+    z = lax.ragged_dot_general(t, jnp.swapaxes(b_k, 1, 2), sizes, _B_LAST, precision=prec,
+                               preferred_element_type=pref, out_sharding=z_out)
   return [y + z.astype(y.dtype)]
+
+
+_B_LAST = lax.RaggedDotDimensionNumbers(  # t (m, r) · B[g] (out, r)
+    dot_dimension_numbers=(((1,), (2,)), ((), ())), lhs_ragged_dimensions=(0,),
+    rhs_group_dimensions=(0,))
 
 
 def _factor_as(x, dims, order):

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from lora_jax._src import tree
+from lora_jax._src import explicit, tree
 from lora_jax._src.types import Params
 from lora_jax._src.weight import LoraWeight, Trainable, is_node
 
@@ -163,6 +163,9 @@ def _own_sharding(x):
     return x
   if isinstance(x, jax.core.Tracer):
     return None
+  if hasattr(x, "codes"):  # a QuantizedWeight: its kernel's sharding, read from the codes
+    from lora_jax._src import quant_sharding
+    return quant_sharding.kernel_sharding(x)
   return getattr(x, "sharding", None)
 
 
@@ -182,8 +185,11 @@ def _node_shardings(path: str, x, given: dict, default):
   if isinstance(x, LoraWeight):
     ws = own(x.w)
     try:
+      explicit.check_divides(f"lora_shardings: at {path}", getattr(x.w, "shape", None), ws)
       sa, sb = factor_shardings(ws, x.roles)
     except (TypeError, ValueError) as e:
+      if str(e).startswith("lora_shardings"):
+        raise
       raise type(e)(f"lora_shardings: at {path}: {e}") from None
     return x.replace(w=ws, a=sa, b=sb)
   if isinstance(x, Trainable):

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._src import quant_rules, rules  # noqa: F401  (they register their rules)
-from lora_jax._src import stack_strategies, tree
+from lora_jax._src import explicit_rules, quant_rules, rules  # noqa: F401  (they register their rules)
+from lora_jax._src import explicit, stack_strategies, tree
 from lora_jax._src.interpreter import (LoraFallbackWarning, _Context, _Lazy, concrete,
                                        eval_jaxpr, is_lazy)
 from lora_jax._src.quant import is_quantized
@@ -58,10 +58,10 @@ def _split_args(args, kwargs):
     if isinstance(leaf, (LoraWeight, StackedLora)):
       make = _Lazy.from_stack if is_stack(leaf) else _Lazy.from_weight
       dynamic.append(make(leaf, where_))
-      abstract.append(jax.ShapeDtypeStruct(leaf.w.shape, leaf.w.dtype))
+      abstract.append(explicit.stand_in(leaf.w))
     elif is_quantized(leaf):  # a rank-0 lazy value: dequantized where consumed
       dynamic.append(_Lazy.from_weight(quant_rules.rank0(leaf), where_))
-      abstract.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+      abstract.append(explicit.stand_in(leaf))
     elif tree.is_array(leaf) or isinstance(leaf, jax.core.Tracer):
       dynamic.append(leaf)
       abstract.append(leaf)

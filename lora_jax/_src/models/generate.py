@@ -6,6 +6,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from lora_jax._src import explicit
+
 Array = jax.Array
 
 
@@ -189,7 +191,8 @@ def _prefill(params, prompt, key, temperature, arrays, *, apply_fn, make_cache,
   positions = jnp.broadcast_to(jnp.arange(p), (b, p))
   logits, cache = apply_fn(params, prompt, cache=make_cache(b, p + max_new_tokens),
                            positions=positions, **arrays, **dict(static_kwargs))
-  tok, done, key = _step(logits[:, -1], jnp.zeros((b,), bool), key, temperature,
+  done = explicit.rows_like(jnp.zeros((b,), bool), prompt)  # explicit axes: rows split
+  tok, done, key = _step(logits[:, -1], done, key, temperature,
                          greedy, top_k, eos_id, pad_id, prompt.dtype)
   return tok, done, key, cache
 
@@ -201,7 +204,8 @@ def _decode(params, prompt, state, temperature, arrays, *, apply_fn, make_cache,
   del make_cache
   tok, done, key, cache = state
   b, p = prompt.shape
-  out = jnp.full((b, max_new_tokens), pad_id, prompt.dtype).at[:, 0].set(tok)
+  out = explicit.rows_like(jnp.full((b, max_new_tokens), pad_id, prompt.dtype), prompt)
+  out = out.at[:, 0].set(tok)
 
   def cond(carry):
     i, _, done, _, _ = carry

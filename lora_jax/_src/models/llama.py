@@ -14,6 +14,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from lora_jax._src import explicit
+
 Array = jax.Array
 _INIT = nn.initializers.normal(0.02)  # HF's initializer_range
 
@@ -263,7 +265,8 @@ def rotary(x: Array, positions: Array, theta: float) -> Array:
 
 def _dense(cfg: LlamaConfig, features: int, bias: bool, name: str) -> nn.Dense:
   return nn.Dense(features, use_bias=bias, dtype=cfg.dtype,
-                  param_dtype=cfg.param_dtype, kernel_init=_INIT, name=name)
+                  param_dtype=cfg.param_dtype, kernel_init=_INIT, name=name,
+                  dot_general=explicit.dot_general)  # lax's, off an explicit mesh
 
 
 def _norm(cfg: LlamaConfig, name: str) -> nn.RMSNorm:
@@ -300,10 +303,10 @@ class LlamaAttention(nn.Module):
     b, t, _ = x.shape
     h, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
     bias = cfg.attention_bias
-    q = _dense(cfg, h * hd, bias, "q_proj")(x).reshape(b, t, h, hd)
-    k = _dense(cfg, kv * hd, bias, "k_proj")(x).reshape(b, t, kv, hd)
-    v = _dense(cfg, kv * hd, bias, "v_proj")(x).reshape(b, t, kv, hd)
-    q = rotary(q, positions, cfg.rope_theta).reshape(b, t, kv, h // kv, hd)
+    q = explicit.reshape(_dense(cfg, h * hd, bias, "q_proj")(x), (b, t, h, hd))
+    k = explicit.reshape(_dense(cfg, kv * hd, bias, "k_proj")(x), (b, t, kv, hd))
+    v = explicit.reshape(_dense(cfg, kv * hd, bias, "v_proj")(x), (b, t, kv, hd))
+    q = explicit.reshape(rotary(q, positions, cfg.rope_theta), (b, t, kv, h // kv, hd))
     k = rotary(k, positions, cfg.rope_theta)
     if kv_cache is not None:
       kv_cache = _write_cache(kv_cache, k, v, positions, layer)
@@ -313,7 +316,7 @@ class LlamaAttention(nn.Module):
     scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32),
                        jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v).reshape(b, t, h * hd)
+    out = explicit.reshape(jnp.einsum("bgrts,bsgd->btgrd", probs, v), (b, t, h * hd))
     out = _dense(cfg, cfg.hidden_size, bias, "o_proj")(out)
     return out if kv_cache is None else (out, kv_cache)
 
@@ -321,9 +324,11 @@ class LlamaAttention(nn.Module):
 def _write_cache(kv_cache: tuple[Array, Array], k: Array, v: Array,
                  positions: Array, layer: Array | int) -> tuple[Array, Array]:
   """Row ``b``'s token ``t`` goes to ``[b, layer, positions[b, t]]`` (out of range: dropped)."""
-  rows = jnp.arange(k.shape[0])[:, None]
-  return tuple(c.at[rows, layer, positions].set(x.astype(c.dtype), mode="drop")
-               for c, x in zip(kv_cache, (k, v)))
+  def write(kv_cache, k, v, positions, layer):
+    rows = jnp.arange(k.shape[0])[:, None]
+    return tuple(c.at[rows, layer, positions].set(x.astype(c.dtype), mode="drop")
+                 for c, x in zip(kv_cache, (k, v)))
+  return explicit.typed_like(write, *kv_cache)(kv_cache, k, v, positions, layer)
 
 
 class LlamaMLP(nn.Module):
@@ -426,7 +431,8 @@ class Llama(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                      param_dtype=cfg.param_dtype, embedding_init=_INIT,
                      name="embed_tokens")
-    x = embed(input_ids)
+    x = embed(input_ids) if explicit.spec_of(input_ids) is None else explicit.lookup(
+        embed.embedding.astype(cfg.dtype), input_ids)  # explicit axes: rows like ids
     block = nn.remat(LlamaBlock) if cfg.remat else LlamaBlock
     if cfg.scan_layers and cache is None:
       stack = nn.scan(block, variable_axes={"params": 0},
@@ -544,11 +550,12 @@ def init_params(config: LlamaConfig, key: Array | None = None, *,
 def random_params(model_cls, config, key: Array | None, abstract: bool):
   """``model_cls(config).init`` on one token, jitted once per config."""
   key = jax.random.key(0) if key is None else key
-  init = _init_fn(model_cls, config)
+  init = _init_fn(model_cls, config, jax.sharding.get_abstract_mesh())  # one per mesh
   return jax.eval_shape(init, key) if abstract else init(key)
 
 
 @functools.lru_cache(maxsize=16)
-def _init_fn(model_cls, config):
+def _init_fn(model_cls, config, mesh):
+  del mesh  # a cache key: a jitted init traced under one mesh fails under another
   ids = jnp.zeros((1, 1), jnp.int32)
   return jax.jit(lambda k: model_cls(config).init(k, ids)["params"])

@@ -11,6 +11,7 @@ with one factored adapter per expert.
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lora_jax._src import explicit
 from lora_jax._src.models.llama import (LlamaAttention, LlamaConfig, _causal_mask, _dense,
                                         _norm, random_params)
 
@@ -145,7 +147,14 @@ def grouped_linear(x: Array, w: Array, group_sizes: Array) -> Array:
     >>> grouped_linear(jnp.ones((3, 2)), w, jnp.array([1, 2], jnp.int32)).tolist()
     [[1.0, 1.0], [2.0, 2.0], [2.0, 2.0]]
   """
-  return lax.ragged_dot_general(x, w, group_sizes, _GROUPED)
+  out = explicit.rows_by_cols(x, w, 1)
+  if out is None:
+    return lax.ragged_dot_general(x, w, group_sizes, _GROUPED)
+  # explicit axes: JAX's ragged_dot cannot contract a sharded axis there; the
+  # compiler shards it in auto axes, the result typed (rows, out) as above
+  return explicit.in_auto_axes(functools.partial(lax.ragged_dot_general,
+                                                 ragged_dot_dimension_numbers=_GROUPED),
+                               out.spec)(x, w, group_sizes)
 
 
 def route(logits: Array, k: int) -> tuple[Array, Array]:
@@ -173,6 +182,8 @@ class MixtralExperts(nn.Module):
     e, d, ff = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
     gate_up = self.param("gate_up_proj", _INIT, (e, 2 * ff, d), cfg.param_dtype)
     down = self.param("down_proj", _INIT, (e, d, ff), cfg.param_dtype)
+    rows = x  # explicit axes: the routing sorts all tokens, so it sees them whole
+    x, weights, index = (explicit.replicated(a) for a in (x, weights, index))
     k = index.shape[-1]
     flat = index.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # (token, choice) pairs by expert
@@ -182,7 +193,7 @@ class MixtralExperts(nn.Module):
     h = nn.silu(h[:, :ff]) * h[:, ff:]
     out = grouped_linear(h, down.astype(cfg.dtype), sizes)
     out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
-    return jnp.zeros_like(x).at[token].add(out.astype(x.dtype))
+    return explicit.rows_like(jnp.zeros_like(x).at[token].add(out.astype(x.dtype)), rows)
 
 
 class MixtralSparseMoe(nn.Module):
@@ -247,7 +258,8 @@ class Mixtral(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                      param_dtype=cfg.param_dtype, embedding_init=_INIT,
                      name="embed_tokens")
-    x = embed(input_ids)
+    x = embed(input_ids) if explicit.spec_of(input_ids) is None else explicit.lookup(
+        embed.embedding.astype(cfg.dtype), input_ids)  # explicit axes: rows like ids
     for i in range(cfg.num_hidden_layers):
       x = MixtralBlock(cfg, name=f"layers_{i}")(x, positions, mask)
     x = _norm(acfg, "norm")(x)
