@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src import quant_rules, rules  # noqa: F401  (they register their rules)
+from lora_jax._src import control_rules, custom_rules, shard_map_rules  # noqa: F401
 from lora_jax._src import tree
 from lora_jax._src.interpreter import (LoraFallbackWarning, _Context, _Lazy, concrete,
                                        eval_jaxpr, is_lazy)
@@ -209,6 +210,7 @@ def lora(fn: Callable, *, strict: bool = False) -> Callable:
     ctx = _Context(strict, lora_rng)
     ctx.adapter_ids = ids
     outs = eval_jaxpr(closed.jaxpr, closed.consts, dynamic, ctx)
-    return jax.tree.unflatten(jax.tree.structure(out_shape), concrete(outs))
+    outs = concrete(outs, ctx, None, "the function (an output of lora(fn))")
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
   return wrapped
