@@ -123,6 +123,7 @@ def _scan_slices(v: _Lazy):
     w, a_i, b_i = parts
     return v.replace(w=w, a=pick(a_i, a_whole, a_axis, i),
                      b=pick(b_i, b_whole, b_axis, i), a_dims=a_dims, b_dims=b_dims)
+  rebuild.needs_step = a_axis is not None or b_axis is not None
   return (v.w, a_xs, b_xs), rebuild
 
 
@@ -149,7 +150,9 @@ def _scan(ctx, eqn, invals):
   keys = None
   if ctx.rng is not None:
     keys = jax.random.split(ctx.next_key(), length)
-  steps = jnp.arange(length, dtype=jnp.int32)  # xs: step i sees i (reverse too)
+  # xs: step i sees i (reverse too), for a factor indexed per step (a stack)
+  needs = any(rb is not None and rb.needs_step for rb in rebuilds)
+  steps = jnp.arange(length, dtype=jnp.int32) if needs else None
 
   def body(carry, x_key_step):
     xs_i, key, i = x_key_step

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lora_jax._src import interpreter, layout
+from lora_jax._src.einsum import einsum2, scalar
 from lora_jax._src.interpreter import (ADAPTER, _Lazy, bind, eval_jaxpr, fallback,
                                        is_lazy)
 
@@ -217,16 +218,18 @@ def _dot_general(ctx, eqn, invals):
   prec, pref = p.get("precision"), p.get("preferred_element_type")
   xd = ctx.dropout(x, v.dropout)
   t_sub = [l for l in dict.fromkeys(xs + s1) if l in out or l in s2]
-  t = jnp.einsum(f"{''.join(xs)},{''.join(s1)}->{''.join(t_sub)}", xd, f1,
+  t = einsum2(f"{''.join(xs)},{''.join(s1)}->{''.join(t_sub)}", xd, f1,
                  precision=prec, preferred_element_type=pref)
-  t = t * (_row_scale(scale, t.ndim, t_sub.index(xs[0]), t.dtype) if v.stacked
-           else jnp.asarray(scale, t.dtype))
-  z = jnp.einsum(f"{''.join(t_sub)},{''.join(s2)}->{''.join(out)}", t, f2,
+  if v.stacked:
+    t = t * _row_scale(scale, t.ndim, t_sub.index(xs[0]), t.dtype)
+  elif not (isinstance(scale, (int, float)) and scale == 1):  # alpha = rank: no op
+    t = lax.mul(t, scalar(scale, t.dtype))
+  z = einsum2(f"{''.join(t_sub)},{''.join(s2)}->{''.join(out)}", t, f2,
                  precision=prec, preferred_element_type=pref)
   if g is not None:
     g = jnp.squeeze(g, axis=v.b_dims.index(None))
     y = _dora_base(eqn, base, side, y, x, xd, g, g_sub, out)
-  return [y + z.astype(y.dtype)]
+  return [lax.add(y, lax.convert_element_type(z, y.dtype))]
 
 
 def _dora_base(eqn, base, side, y, x, xd, g, g_sub, out):
