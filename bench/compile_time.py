@@ -10,6 +10,11 @@ programs, each as ``jit(f)`` and as ``jit(lora(f))``:
   step for ``f``, the adapter-only step (``lj.split`` / ``lj.combine``) for
   ``lora(f)``.
 
+A third program per row is the same model with LoRA written into its code
+by hand (``x·stop_gradient(W) + s·(x·A)·B``, adapter-only step): the floor
+for any factored LoRA, since it has the same extra matmuls; ``lora(f) ÷
+hand`` is what the transform itself costs.
+
 Each figure is the minimum over ``--reps`` rounds; within a round the plain
 and the LoRA program are measured back to back, so both see the same machine
 load. Every round builds new Python functions and a new ``jax.jit``, so no
@@ -47,14 +52,38 @@ def _params(key, layers, d, stacked):
   return {f"layer_{i}": p for i, p in enumerate(per_layer)}
 
 
-def _block(p, x, heads=4):
+def _mm(h, w, scale):
+  """``h @ w``; for a hand-written LoRA (``w`` a dict) ``h·W + s·(h·A)·B``."""
+  if not isinstance(w, dict):
+    return h @ w
+  return h @ jax.lax.stop_gradient(w["w"]) + ((h @ w["a"]) * scale) @ w["b"]
+
+
+def _block(p, x, heads=4, scale=1.0):
   b, t, d = x.shape
-  h = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * p["norm"]
-  q, k, v = (jnp.reshape(h @ p[n], (b, t, heads, d // heads)) for n in ("wq", "wk", "wv"))
+  mm = lambda h, n: _mm(h, p[n], scale)
+  h = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * p["norm"][None, None]
+  q, k, v = (jnp.reshape(mm(h, n), (b, t, heads, d // heads)) for n in ("wq", "wk", "wv"))
   s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / (d // heads) ** 0.5
   a = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v).reshape(b, t, d)
-  x = x + a @ p["wo"]
-  return x + jax.nn.gelu(x @ p["up"]) @ p["down"]
+  x = x + mm(a, "wo")
+  return x + mm(jax.nn.gelu(mm(x, "up")), "down")
+
+
+def _is_lw(n):
+  return isinstance(n, lj.LoraWeight)
+
+
+def hand_split(lparams):
+  """The hand-written LoRA's params: (trainable (A, B) pairs, the rest)."""
+  ab = jax.tree.map(lambda n: (n.a, n.b) if _is_lw(n) else None, lparams, is_leaf=_is_lw)
+  rest = jax.tree.map(lambda n: n.w if _is_lw(n) else n, lparams, is_leaf=_is_lw)
+  return ab, rest
+
+
+def hand_combine(ab, rest):
+  return jax.tree.map(lambda t, w: w if t is None else {"w": w, "a": t[0], "b": t[1]},
+                      ab, rest, is_leaf=lambda t: t is None or isinstance(t, tuple))
 
 
 def make_forward(stacked):
@@ -72,7 +101,11 @@ def make_forward(stacked):
 
 def make_step(stacked, lora):
   forward = make_forward(stacked)
-  if lora:
+  if lora == "hand":
+    def step(ab, rest, x):
+      g = jax.grad(lambda t: jnp.mean(forward(hand_combine(t, rest), x) ** 2))(ab)
+      return jax.tree.map(lambda p, g: p - 1e-3 * g, ab, g)
+  elif lora:
     fwd = lj.lora(forward)
 
     def step(trainable, frozen, x):
@@ -105,22 +138,26 @@ def measure(layers, d, rank, reps, only=None):
     config = lj.LoraConfig(rank=rank, targets=TARGETS, layouts=layouts)
     lparams = lj.lora_init(jax.random.key(1), params, config)
     trainable, frozen = lj.split(lparams)
+    ab, rest = hand_split(lparams)
+    hand = hand_combine(ab, rest)
     for kind in ("forward", "train step"):
       name = f"{'scanned' if stacked else 'unscanned'} {kind}"
       if only and only not in name:
         continue
-      best = {"plain": [float("inf")] * 2, "lora": [float("inf")] * 2}
+      best = {w: [float("inf")] * 2 for w in ("plain", "lora", "hand")}
       for _ in range(reps):
-        for which in ("plain", "lora"):
+        for which in ("plain", "lora", "hand"):
           if kind == "forward":
             f = make_forward(stacked)
-            fn, args = (f, (params, x)) if which == "plain" else (lj.lora(f), (lparams, x))
+            fn, args = {"plain": (f, (params, x)), "lora": (lj.lora(f), (lparams, x)),
+                        "hand": (f, (hand, x))}[which]
           else:
-            fn = make_step(stacked, which == "lora")
-            args = (params, x) if which == "plain" else (trainable, frozen, x)
+            fn = make_step(stacked, {"plain": False, "lora": True, "hand": "hand"}[which])
+            args = {"plain": (params, x), "lora": (trainable, frozen, x),
+                    "hand": (ab, rest, x)}[which]
           t = _time(fn, args)
           best[which] = [min(a, b) for a, b in zip(best[which], t)]
-      rows.append((name, best["plain"], best["lora"]))
+      rows.append((name, best["plain"], best["lora"], best["hand"]))
   return rows
 
 
@@ -143,10 +180,12 @@ def init_trace_time(layers, d, rank, reps):
 
 def table(rows) -> str:
   lines = ["| program | trace f | trace lora(f) | ratio | compile f | compile lora(f) | "
-           "ratio | total ratio |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-  for name, (tp, cp), (tl, cl) in rows:
+           "ratio | total ratio | hand LoRA total | lora(f) ÷ hand |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for name, (tp, cp), (tl, cl), (th, ch) in rows:
     lines.append(f"| {name} | {tp:.2f} s | {tl:.2f} s | {tl / tp:.2f} | {cp:.2f} s | "
-                 f"{cl:.2f} s | {cl / cp:.2f} | {(tl + cl) / (tp + cp):.2f} |")
+                 f"{cl:.2f} s | {cl / cp:.2f} | {(tl + cl) / (tp + cp):.2f} | "
+                 f"{th + ch:.2f} s | {(tl + cl) / (th + ch):.2f} |")
   return "\n".join(lines)
 
 
@@ -158,9 +197,10 @@ def main(argv=None):
   p.add_argument("--reps", type=int, default=3)
   p.add_argument("--only", default=None, help="substring of the program names to run")
   args = p.parse_args(argv)
-  print(f"# jit(lora(f)) vs jit(f): {args.layers} layers, d={args.d}, rank {args.rank} "
+  print(f"# jit(lora(f)) vs jit(f) and a hand-written LoRA: {args.layers} layers, d={args.d}, rank {args.rank} "
         f"on q/k/v/o/up/down; min of {args.reps}, interleaved; "
         f"{jax.devices()[0].platform}, load {os.getloadavg()[0]:.1f}")
+  measure(1, 32, args.rank, 1, args.only)  # warm up JAX's own one-time costs
   print(table(measure(args.layers, args.d, args.rank, args.reps, args.only)))
   if not args.only:
     t = init_trace_time(args.layers, args.d, args.rank, args.reps)

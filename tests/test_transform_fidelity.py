@@ -126,6 +126,13 @@ def test_custom_rule_under_strict_names_function_kernel_and_line():
   assert "test_transform_fidelity.py" in msg and "strict=True" in msg
 
 
+def test_primitive_without_rule_under_strict_names_it_the_kernel_and_the_line():
+  with pytest.raises(NotImplementedError) as e:
+    lj.lora(lambda p, x: x @ jnp.sin(p["w"]), strict=True)({"w": _lw()}, X)
+  msg = str(e.value)
+  assert "`sin`" in msg and "for w." in msg and "test_transform_fidelity.py" in msg
+
+
 @jax.custom_jvp
 def steep_tanh(x):
   return jnp.tanh(x)

@@ -4,8 +4,12 @@ A ``LoraWeight`` flows through a jaxpr as a lazy value ``V = w + s·A⊗B``
 (``_Lazy``). ``eval_jaxpr`` evaluates the jaxpr equation by equation: an
 equation with no lazy input is bound as it is; one with a lazy input goes to
 the rule registered for its primitive in ``RULES`` (filled by the rule
-modules: ``rules``, ``quant_rules``, ``shard_map_rules``), or to ``fallback``,
-which materializes ``W + ΔW`` (warned; refused with ``strict=True``).
+modules: ``rules``, ``quant_rules``, ``control_rules``, ``custom_rules``,
+``shard_map_rules``), or to ``fallback``, which materializes ``W + ΔW``
+(warned; refused with ``strict=True``, naming the primitive, the kernel and
+the model's line). Every other place a merged kernel is formed (a kernel
+leaving a loop body or the function) goes through ``concrete(..., ctx)``,
+warned or refused alike.
 
 This module imports no rule module: rules import it and register themselves,
 as JAX's own ``ad.primitive_jvps`` table is filled.
