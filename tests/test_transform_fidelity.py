@@ -341,3 +341,42 @@ def test_stacked_and_input_uses_of_one_kernel_name_both():
   with pytest.raises(ValueError, match=r"(?s)w .*disagree.*axis 0.*dot_general.*"
                      r"test_transform_fidelity.py.*dot_general"):
     layout.infer_roles(lambda p: f(p, X), params, ["w"])
+
+
+class _Layer(nnx.Module):
+  def __init__(self, rngs):
+    self.l = nnx.Linear(8, 8, rngs=rngs)
+
+  def __call__(self, x):
+    return jnp.tanh(self.l(x))
+
+
+class _Scanned(nnx.Module):
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap
+    def make(rngs):
+      return _Layer(rngs)
+    self.layers = make(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def run(x, layer):
+      return layer(x)
+    return run(x, self.layers)
+
+
+def test_nnx_scan_over_vmapped_layers_is_factored():
+  graphdef, state = nnx.split(_Scanned(nnx.Rngs(0)))
+  params = nnx.to_pure_dict(state)
+
+  def apply(p, x):
+    return nnx.merge(graphdef, nnx.State(p))(x)
+  lp = lj.lora_init(jax.random.key(1), params, lj.LoraConfig(rank=2, targets=".*kernel"),
+                    trace=lambda p: apply(p, X))
+  assert lp["layers"]["l"]["kernel"].roles == "sio"
+  lp = jax.tree.map(lambda n: n.replace(b=n.b + 0.1) if isinstance(n, lj.LoraWeight) else n,
+                    lp, is_leaf=lambda n: isinstance(n, lj.LoraWeight))
+  f = lj.lora(apply, strict=True)
+  np.testing.assert_allclose(f(lp, X), apply(lj.merge(lp), X), rtol=1e-5, atol=1e-5)
+  assert not _products(jax.grad(lambda p: jnp.sum(f(p, X))), lp, shapes=[(8, 8), (3, 8, 8)])
