@@ -5,7 +5,8 @@ rule that cannot keep the factored form calls ``interpreter.fallback``. The
 table at the end registers them with the interpreter.
 
 The reads of higher-order primitives' params (``jaxpr``, ``num_consts``, ...)
-live here and only here: their names move between JAX releases.
+live in the rule modules only (here, ``control_rules``, ``custom_rules``,
+``shard_map_rules``): their names move between JAX releases.
 """
 
 import jax
@@ -219,13 +220,13 @@ def _dot_general(ctx, eqn, invals):
   xd = ctx.dropout(x, v.dropout)
   t_sub = [l for l in dict.fromkeys(xs + s1) if l in out or l in s2]
   t = einsum2(f"{''.join(xs)},{''.join(s1)}->{''.join(t_sub)}", xd, f1,
-                 precision=prec, preferred_element_type=pref)
+              precision=prec, preferred_element_type=pref)
   if v.stacked:
     t = t * _row_scale(scale, t.ndim, t_sub.index(xs[0]), t.dtype)
   elif not (isinstance(scale, (int, float)) and scale == 1):  # alpha = rank: no op
     t = lax.mul(t, scalar(scale, t.dtype))
   z = einsum2(f"{''.join(t_sub)},{''.join(s2)}->{''.join(out)}", t, f2,
-                 precision=prec, preferred_element_type=pref)
+              precision=prec, preferred_element_type=pref)
   if g is not None:
     g = jnp.squeeze(g, axis=v.b_dims.index(None))
     y = _dora_base(eqn, base, side, y, x, xd, g, g_sub, out)
