@@ -4,8 +4,12 @@ A ``LoraWeight`` flows through a jaxpr as a lazy value ``V = w + s·A⊗B``
 (``_Lazy``). ``eval_jaxpr`` evaluates the jaxpr equation by equation: an
 equation with no lazy input is bound as it is; one with a lazy input goes to
 the rule registered for its primitive in ``RULES`` (filled by the rule
-modules: ``rules``, ``quant_rules``, ``shard_map_rules``), or to ``fallback``,
-which materializes ``W + ΔW`` (warned; refused with ``strict=True``).
+modules: ``rules``, ``quant_rules``, ``control_rules``, ``custom_rules``,
+``shard_map_rules``), or to ``fallback``, which materializes ``W + ΔW``
+(warned; refused with ``strict=True``, naming the primitive, the kernel and
+the model's line). Every other place a merged kernel is formed (a kernel
+leaving a loop body or the function) goes through ``concrete(..., ctx)``,
+warned or refused alike.
 
 This module imports no rule module: rules import it and register themselves,
 as JAX's own ``ad.primitive_jvps`` table is filled.
@@ -20,6 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex_core
 from jax.extend import random as jex_random
+from jax.extend import source_info_util
 
 from lora_jax._src import compat
 from lora_jax._src.quant import dense
@@ -204,19 +209,38 @@ def is_lazy(x) -> bool:
   return isinstance(x, _Lazy)
 
 
+def source_line(eqn) -> str:
+  """The model's source line that emitted ``eqn`` (``file:line (function)``)."""
+  try:
+    return source_info_util.summarize(eqn.source_info)
+  except Exception:  # noqa: BLE001  (no source info: say nothing)
+    return ""
+
+
+def _where(eqn) -> str:
+  line = source_line(eqn) if eqn is not None else ""
+  return f" (model line: {line})" if line else ""
+
+
+def warn_or_refuse(ctx: _Context, eqn, paths, what: str, why: str) -> None:
+  """Say that ``W + ΔW`` is formed for ``paths``: a warning, or with
+  ``strict=True`` an error naming the primitive, the kernels and the line."""
+  msg = (f"lora: {what}; W + ΔW is materialized for {', '.join(sorted(set(paths)))}. "
+         f"{why}{_where(eqn)}")
+  if ctx.strict:
+    raise NotImplementedError(msg + " (raised because lora(fn, strict=True))")
+  warnings.warn(msg, LoraFallbackWarning, stacklevel=5)
+
+
 def fallback(ctx: _Context, eqn, invals):
   """Materialize every lazy operand of ``eqn`` and bind it as it is."""
-  paths = sorted({x.path for x in invals if is_lazy(x)})
-  name = eqn.primitive.name
+  paths = [x.path for x in invals if is_lazy(x)]
   for x in invals:
     if is_lazy(x) and x.stacked:
       x.materialize()  # raises: a stack is never materialized
-  msg = (f"lora: `{name}` has no factored rule; W + ΔW is materialized for "
-         f"{', '.join(paths)}. This is correct but spends the memory and "
-         "FLOPs LoRA saves." + compat.untested_note())
-  if ctx.strict:
-    raise NotImplementedError(msg + " (raised because lora(fn, strict=True))")
-  warnings.warn(msg, LoraFallbackWarning, stacklevel=4)
+  warn_or_refuse(ctx, eqn, paths, f"`{eqn.primitive.name}` has no factored rule",
+                 "This is correct but spends the memory and FLOPs LoRA saves."
+                 + compat.untested_note())
   vals = [x.materialize() if is_lazy(x) else x for x in invals]
   return bind(eqn, vals)
 
@@ -259,8 +283,21 @@ def eval_jaxpr(jaxpr, consts, args, ctx: _Context):
   return [read(v) for v in jaxpr.outvars]
 
 
-def concrete(xs):
-  """Materialize lazy values that leave the interpreter."""
+def concrete(xs, ctx: _Context | None = None, eqn=None, where: str = ""):
+  """Materialize lazy values that leave the interpreter (or a sub-program).
+
+  With ``ctx``, forming ``W + ΔW`` is warned about, or refused with
+  ``strict=True``: ``where`` says where the kernel goes (e.g. "out of a
+  `while` loop's carry") and ``eqn`` locates it in the model.
+  """
+  paths = [x.path for x in xs if is_lazy(x)]
+  if ctx is not None and paths:
+    for x in xs:
+      if is_lazy(x) and x.stacked:
+        x.materialize()  # raises: a stack is never materialized
+    warn_or_refuse(ctx, eqn, paths, f"an adapted kernel leaves {where} as an array",
+                   "This is correct, but the merged kernel costs the memory LoRA "
+                   "saves; use the kernel inside the function instead of returning it.")
   return [x.materialize() if is_lazy(x) else x for x in xs]
 
 

@@ -5,7 +5,8 @@ rule that cannot keep the factored form calls ``interpreter.fallback``. The
 table at the end registers them with the interpreter.
 
 The reads of higher-order primitives' params (``jaxpr``, ``num_consts``, ...)
-live here and only here: their names move between JAX releases.
+live in the rule modules only (here, ``control_rules``, ``custom_rules``,
+``shard_map_rules``): their names move between JAX releases.
 """
 
 import jax
@@ -13,7 +14,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from lora_jax._src import explicit, interpreter, layout, stack_strategies
-from lora_jax._src.interpreter import (ADAPTER, _Lazy, bind, concrete, eval_jaxpr, fallback,
+from lora_jax._src.einsum import einsum2, scalar
+from lora_jax._src.interpreter import (ADAPTER, _Lazy, bind, eval_jaxpr, fallback,
                                        is_lazy)
 
 _LETTERS = "abcdefghijklmnopqstuvwxyzABCDEFGHIJKLMNOPQSTUVWXYZ"  # no 'r'/'R'
@@ -226,16 +228,18 @@ def _dot_general(ctx, eqn, invals):
     z = stack_strategies.dot(how, ctx, v, xd, xs, (f1, s1), (f2, s2), t_sub, out, prec, pref)
     return [y + z.astype(y.dtype)]
   t_out, z_out = explicit.factored_dot_shardings(y, out, t_sub)  # explicit axes
-  t = jnp.einsum(f"{''.join(xs)},{''.join(s1)}->{''.join(t_sub)}", xd, f1,
-                 precision=prec, preferred_element_type=pref, out_sharding=t_out)
-  t = t * (_row_scale(scale, t.ndim, t_sub.index(xs[0]), t.dtype) if v.stacked
-           else jnp.asarray(scale, t.dtype))
-  z = jnp.einsum(f"{''.join(t_sub)},{''.join(s2)}->{''.join(out)}", t, f2,
-                 precision=prec, preferred_element_type=pref, out_sharding=z_out)
+  t = einsum2(f"{''.join(xs)},{''.join(s1)}->{''.join(t_sub)}", xd, f1,
+              precision=prec, preferred_element_type=pref, out_sharding=t_out)
+  if v.stacked:
+    t = t * _row_scale(scale, t.ndim, t_sub.index(xs[0]), t.dtype)
+  elif not (isinstance(scale, (int, float)) and scale == 1):  # alpha = rank: no op
+    t = lax.mul(t, scalar(scale, t.dtype))
+  z = einsum2(f"{''.join(t_sub)},{''.join(s2)}->{''.join(out)}", t, f2,
+              precision=prec, preferred_element_type=pref, out_sharding=z_out)
   if g is not None:
     g = jnp.squeeze(g, axis=v.b_dims.index(None))
     y = _dora_base(eqn, base, side, y, x, xd, g, g_sub, out)
-  return [y + z.astype(y.dtype)]
+  return [lax.add(y, lax.convert_element_type(z, y.dtype))]
 
 
 def _dora_base(eqn, base, side, y, x, xd, g, g_sub, out):
@@ -567,102 +571,6 @@ def _inline(key):
   return rule
 
 
-def _remat(ctx, eqn, invals):
-  p = eqn.params
-
-  def body(*args):
-    return concrete(eval_jaxpr(p["jaxpr"], (), args, ctx))
-  return list(jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals))
-
-
-def _cond(ctx, eqn, invals):
-  index, ops = invals[0], invals[1:]
-
-  def branch(closed):
-    return lambda *args: concrete(eval_jaxpr(closed.jaxpr, closed.consts, args, ctx))
-  return list(lax.switch(index, [branch(br) for br in eqn.params["branches"]], *ops))
-
-
-def _while(ctx, eqn, invals):
-  p = eqn.params
-  cn, bn = p["cond_nconsts"], p["body_nconsts"]
-  cc, bc, init = invals[:cn], invals[cn:cn + bn], concrete(invals[cn + bn:])
-  cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
-
-  def cond(carry):
-    return eval_jaxpr(cj.jaxpr, cj.consts, list(cc) + list(carry), ctx)[0]
-
-  def body(carry):
-    return tuple(concrete(eval_jaxpr(bj.jaxpr, bj.consts, list(bc) + list(carry), ctx)))
-  return list(lax.while_loop(cond, body, tuple(init)))
-
-
-def _scan_slices(v: _Lazy):
-  """Split a lazy xs operand into (scanned parts, rebuild-one-slice).
-
-  A factor holding V's axis 0 at its front is scanned along it; one holding it
-  behind another axis (a stack of adapters: ``(N, layers, ...)``) stays whole
-  and each step indexes its layer, so no transposed copy of the stack is made
-  per call; a factor without it is the same at every step.
-  """
-  def shift(dims):
-    return [d - 1 if isinstance(d, int) else d for d in dims]
-
-  def lead(x, dims):
-    """``(scanned, whole, axis to index, dims of one slice)``."""
-    if 0 not in dims:
-      return None, x, None, shift(dims)
-    k = dims.index(0)
-    rest = shift([d for d in dims if d != 0])
-    return (x, None, None, rest) if k == 0 else (None, x, k, rest)
-
-  a_xs, a_whole, a_axis, a_dims = lead(v.a, v.a_dims)
-  b_xs, b_whole, b_axis, b_dims = lead(v.b, v.b_dims)
-
-  def pick(x_i, whole, axis, i):
-    if x_i is not None:
-      return x_i
-    return whole if axis is None else lax.dynamic_index_in_dim(whole, i, axis, False)
-
-  def rebuild(parts, i):
-    w, a_i, b_i = parts
-    return v.replace(w=w, a=pick(a_i, a_whole, a_axis, i),
-                     b=pick(b_i, b_whole, b_axis, i), a_dims=a_dims, b_dims=b_dims)
-  return (v.w, a_xs, b_xs), rebuild
-
-
-def _scan(ctx, eqn, invals):
-  p = eqn.params
-  nc, ncarry, length = p["num_consts"], p["num_carry"], p["length"]
-  consts, init, xs = invals[:nc], concrete(invals[nc:nc + ncarry]), invals[nc + ncarry:]
-  sliced, rebuilds = [], []
-  for x in xs:
-    if is_lazy(x):
-      parts, rebuild = _scan_slices(x)
-      sliced.append(parts)
-      rebuilds.append(rebuild)
-    else:
-      sliced.append(x)
-      rebuilds.append(None)
-  keys = None
-  if ctx.rng is not None:
-    keys = jax.random.split(ctx.next_key(), length)
-  body_jaxpr = p["jaxpr"]
-  steps = jnp.arange(length, dtype=jnp.int32)  # xs: step i sees i (reverse too)
-
-  def body(carry, x_key_step):
-    xs_i, key, i = x_key_step
-    vals = [rb(x, i) if rb else x for rb, x in zip(rebuilds, xs_i)]
-    sub = ctx.child(key) if key is not None else ctx
-    outs = concrete(eval_jaxpr(body_jaxpr.jaxpr, body_jaxpr.consts,
-                               list(consts) + list(carry) + vals, sub))
-    return outs[:ncarry], outs[ncarry:]
-
-  carry, ys = lax.scan(body, init, (sliced, keys, steps), length=length,
-                       reverse=p["reverse"], unroll=p["unroll"])
-  return list(carry) + list(ys)
-
-
 RULES = {
     "convert_element_type": _cast,
     "copy": _w_only, "copy_p": _w_only, "sharding_constraint": _constrain,
@@ -675,19 +583,14 @@ RULES = {
     "ragged_dot_general": _ragged_dot,
     "jit": _inline("jaxpr"), "pjit": _inline("jaxpr"),
     "closed_call": _inline("call_jaxpr"), "core_call": _inline("call_jaxpr"),
-    "custom_jvp_call": _inline("call_jaxpr"),
-    # custom-VJP functions get W + ΔW (their rules know nothing of LoRA): the
-    # generic fallback, so it is warned about, or refused with strict=True
-    "custom_vjp_call": fallback, "custom_vjp_call_jaxpr": fallback,
-    "remat2": _remat, "checkpoint": _remat,
-    "cond": _cond, "while": _while, "scan": _scan,
+    # custom_jvp / custom_vjp calls: custom_rules; remat, cond, while and
+    # scan: control_rules (kernels that come out of them stay lazy)
 }
 
 # Rules that keep a DoRA value exact: the views carry its column scale in
 # ``b`` (see ``interpreter._dora_factors``) and ``dot_general`` applies it. A
-# DoRA kernel reaching any other rule (conv, gather, ragged_dot, custom VJP)
+# DoRA kernel reaching any other rule (conv, gather, ragged_dot)
 # gets ``W'`` formed, with the fallback's warning.
-_NOT_DORA = ("conv_general_dilated", "gather", "ragged_dot_general", "custom_vjp_call",
-             "custom_vjp_call_jaxpr")
+_NOT_DORA = ("conv_general_dilated", "gather", "ragged_dot_general")
 for _name, _rule in RULES.items():
   interpreter.register(_name, _rule, dora=_name not in _NOT_DORA)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src import explicit_rules, quant_rules, rules  # noqa: F401  (they register their rules)
+from lora_jax._src import control_rules, custom_rules, shard_map_rules  # noqa: F401
 from lora_jax._src import explicit, stack_strategies, tree
 from lora_jax._src.interpreter import (LoraFallbackWarning, _Context, _Lazy, concrete,
                                        eval_jaxpr, is_lazy)
@@ -223,6 +224,7 @@ def lora(fn: Callable, *, strict: bool = False, stack_strategy: str = "auto") ->
       n = next(x.a.shape[0] for x in dynamic if is_lazy(x) and x.stacked)
       ctx.stack = stack_strategies.CallState(ids, n, stack_strategy, jax.default_backend())
     outs = eval_jaxpr(closed.jaxpr, closed.consts, dynamic, ctx)
-    return jax.tree.unflatten(jax.tree.structure(out_shape), concrete(outs))
+    outs = concrete(outs, ctx, None, "the function (an output of lora(fn))")
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
   return wrapped
