@@ -295,6 +295,8 @@ def test_stack_with_adapter_ids_matches_one_device(mesh):
   np.testing.assert_allclose(y, y1, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(g, g1, rtol=1e-5, atol=1e-5)
   assert y.sharding.spec == P("data", None)
+  with jax.set_mesh(mesh), pytest.raises(ValueError, match="does not run on an explicit-axes mesh"):
+    lj.lora(model.apply, stack_strategy="onehot")({"params": stacked}, x, adapter_ids=ids)
 
 
 # ------------------------------------------------------------------ QLoRA

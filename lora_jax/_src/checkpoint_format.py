@@ -166,7 +166,11 @@ def _factor_shardings(leaf, roles: str) -> tuple[Any, Any]:
   Derived from the kernel's sharding axis by axis (``sharding.factor_shardings``);
   replicated on the kernel's devices where that mapping does not apply.
   """
-  s = getattr(leaf, "sharding", None)
+  if hasattr(leaf, "codes"):  # a QuantizedWeight: its kernel's sharding, from the codes
+    from lora_jax._src import quant_sharding
+    s = quant_sharding.kernel_sharding(leaf)
+  else:
+    s = getattr(leaf, "sharding", None)
   if s is None:
     return None, None
   derive = getattr(sharding, "factor_shardings", None)

@@ -158,9 +158,20 @@ class CallState:
   """
 
   def __init__(self, ids, n: int, strategy: str, backend: str):
+    from lora_jax._src import explicit
     self.ids, self.n, self.strategy, self.backend = ids, n, strategy, backend
     self.layout = None
-    if strategy in ("auto", "segments"):
+    if explicit.explicit_sharding(ids) is not None:
+      # explicit mesh axes: the per-row gather is the strategy that keeps the
+      # batch's sharding in its types (a sort over a sharded axis is refused)
+      if strategy not in ("auto", "gather"):
+        raise ValueError(
+            f"lora: stack_strategy={strategy!r} does not run on an explicit-axes mesh "
+            f"(adapter_ids are sharded {explicit.explicit_sharding(ids).spec}); use "
+            "stack_strategy='gather' or 'auto' (which picks gather there), or a mesh "
+            "with AxisType.Auto axes.")
+      self.strategy = "gather"
+    if self.strategy in ("auto", "segments"):
       self.layout = Layout.build(ids, n, tile_rows(ids.shape[0], n))
 
 
