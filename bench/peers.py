@@ -6,7 +6,8 @@ its trainable leaves, ``set_to_zero`` elsewhere, the way each library
 documents it). All LoRA contenders carry the same ``W``, ``A`` and ``B``
 values (``B`` random, not zero, so that the adapters change the output).
 
-* ``lora_jax``  ``lj.lora(apply)`` + ``lj.optimizer``: the library under test;
+* ``lora_jax``  ``lj.lora(apply)`` + ``lj.train_step`` (adamw on ``lj.split``'s
+                trainable half, the frozen half an input): the library under test;
 * ``naive``     ``apply(lj.merge(params))``: ``W + s·A·B`` formed in the forward
                 pass, the baseline everyone writes first;
 * ``hand``      ``Linear(rank=r)``: ``x·W + s·(x·A)·B`` written into the model code;
@@ -40,6 +41,7 @@ class Contender:
   forward: Callable | None = None
   tx: optax.GradientTransformation | None = None
   skipped: str = ""  # why this contender cannot run the workload
+  split: bool = False  # train with lj.train_step: tx on lj.split's trainable half
 
 
 def adamw():
@@ -108,7 +110,7 @@ def frozen(model, params) -> Contender:
 
 def lora_jax(model, lp) -> Contender:
   fwd = lj.lora(lambda p, x: model.apply({"params": p}, x))
-  return Contender("lora_jax", lp, fwd, lj.optimizer(adamw(), lp))
+  return Contender("lora_jax", lp, fwd, adamw(), split=True)  # lj.train_step
 
 
 def naive(model, lp) -> Contender:

@@ -110,7 +110,18 @@ def contenders(spec: Spec, rank: int, params, lp, x, unroll=1) -> list[peers.Con
 
 
 def train_step(c: peers.Contender, loss):
-  def step(state, x, t):
+  """``step(state, x, t, frozen=None)``; ``frozen`` is lj.split's frozen half
+  for a ``split`` contender (lj.train_step), None for the others."""
+  if c.split:
+    inner = lj.train_step(lambda p, x, t: loss(c.forward(p, x), t), c.tx, jit=False)
+
+    def split_step(state, x, t, frozen=None):
+      trainable, opt, value = inner(*state, frozen, x, t)
+      return (trainable, opt), value
+    return split_step
+
+  def step(state, x, t, frozen=None):
+    del frozen
     params, opt = state
     value, grads = jax.value_and_grad(lambda p: loss(c.forward(p, x), t))(params)
     updates, opt = c.tx.update(grads, opt, params)
@@ -161,6 +172,11 @@ def check_outputs(cs, x) -> dict:
   return out
 
 
+def _halves(c: peers.Contender, params):
+  """(what the step differentiates, its frozen input)."""
+  return lj.split(params) if c.split else (params, None)
+
+
 def measure_train(cs, spec, x, t, rounds, flop_cs=None, only=None) -> dict:
   """Wall time (interleaved, donated state), FLOPs, memory, optimizer state."""
   loss = loss_fn(spec)
@@ -168,17 +184,18 @@ def measure_train(cs, spec, x, t, rounds, flop_cs=None, only=None) -> dict:
   for c in cs:
     if c.skipped or (only and c.name not in only):
       continue
-    params = measure.copy_tree(c.params)
+    params, frozen = _halves(c, measure.copy_tree(c.params))
     state = (params, c.tx.init(params))
-    comp, secs = measure.compiled(train_step(c, loss), state, x, t, donate_argnums=0)
+    comp, secs = measure.compiled(train_step(c, loss), state, x, t, frozen, donate_argnums=0)
     res[c.name] = {"compile_s": secs, "flops": measure.flops(comp),
                    "memory": measure.memory(comp),
                    "opt_state_bytes": measure.tree_bytes(state[1])}
-    loops[c.name] = measure.Looped(comp, state, x, t)
+    loops[c.name] = measure.Looped(comp, state, x, t, frozen)
   for c in flop_cs or []:  # unrolled twins: XLA counts a while body once
     if c.name in res:
-      state = (c.params, c.tx.init(c.params))
-      comp = jax.jit(train_step(c, loss)).lower(state, x, t).compile()
+      params, frozen = _halves(c, c.params)
+      state = (params, c.tx.init(params))
+      comp = jax.jit(train_step(c, loss)).lower(state, x, t, frozen).compile()
       res[c.name]["flops"] = measure.flops(comp)
   times = measure.interleaved(loops, rounds)
   for n, tm in times.items():

@@ -139,13 +139,10 @@ def partition(params, trainable):
 
 
 def make_step(apply, tx):
-  """Gradient and Adam update for the trainable part only."""
-  def step(trainable, frozen, opt_state, x, y):
-    loss, grads = jax.value_and_grad(
-        lambda t: bce(apply(lj.combine(t, frozen), x), y))(trainable)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
-  return step
+  """Gradient and Adam update for the trainable part only (``lj.train_step``):
+  ``step(trainable, opt_state, frozen, x, y)``. Not donated here: the methods
+  share the pretrained arrays."""
+  return lj.train_step(lambda p, x, y: bce(apply(p, x), y), tx, jit=False)
 
 
 def count(tree):
@@ -158,7 +155,7 @@ def run_method(name, apply, trainable, frozen, data, args, quiet):
   tx = optax.adam(args.lr)
   opt_state = tx.init(trainable)
   bs = args.batch_size
-  lowered = jax.jit(make_step(apply, tx)).lower(trainable, frozen, opt_state,
+  lowered = jax.jit(make_step(apply, tx)).lower(trainable, opt_state, frozen,
                                                 x_tr[:bs], y_tr[:bs])
   t0 = time.perf_counter()
   step = lowered.compile()
@@ -177,7 +174,7 @@ def run_method(name, apply, trainable, frozen, data, args, quiet):
     idx = order[(k % steps_per_epoch) * bs:(k % steps_per_epoch + 1) * bs]
     xb, yb = x_tr[idx], y_tr[idx]
     t0 = time.perf_counter()
-    trainable, opt_state, loss = step(trainable, frozen, opt_state, xb, yb)
+    trainable, opt_state, loss = step(trainable, opt_state, frozen, xb, yb)
     loss.block_until_ready()
     step_times.append(time.perf_counter() - t0)
     elapsed += step_times[-1]
@@ -204,7 +201,7 @@ def pretrain(model, params, x, y, args):
     if k % spe == 0:
       order = rng.permutation(len(y))
     idx = order[(k % spe) * bs:(k % spe + 1) * bs]
-    params, opt_state, loss = step(params, frozen, opt_state, x[idx], y[idx])
+    params, opt_state, loss = step(params, opt_state, frozen, x[idx], y[idx])
     if k % 10 == 0:
       bar.set_postfix(loss=f"{float(loss):.3f}")
   return params

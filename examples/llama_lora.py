@@ -12,7 +12,7 @@ minute on 2 CPU cores):
    pretrained.
 2. LoRA. Rank-8 adapters on every q/k/v/o/gate/up/down projection of the
    scanned stack (``lj.lora_init(..., trace=...)``, one adapter per layer), and
-   only they train (``lj.optimizer(optax.adamw)``) on the SECOND half of the
+   only they train (``lj.train_step``, ``optax.adamw``) on the SECOND half of the
    text. Every ``--save-every`` steps an ``orbax.checkpoint.CheckpointManager``
    (``--max-to-keep``) saves the adapter (``lj.adapter_args``), the optimizer
    state, and the loss history. Stopped midway (Ctrl-C, a crash), the same
@@ -124,11 +124,17 @@ def tiny_config(fast: bool) -> LlamaConfig:
                           max_position_embeddings=512, scan_layers=True)
 
 
-def make_step(apply, tx):
-  """A jitted optimizer step on the next-token cross-entropy."""
+def make_loss(apply):
+  """The next-token cross-entropy of ``apply(params, ids)``."""
   def loss_fn(params, batch):
     logits = apply(params, batch[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+  return loss_fn
+
+
+def make_step(apply, tx):
+  """A jitted optimizer step on the next-token cross-entropy, every weight trained."""
+  loss_fn = make_loss(apply)
 
   @jax.jit
   def step(params, opt_state, batch):
@@ -378,9 +384,11 @@ def main(argv=None) -> dict:
   lparams = lj.lora_init(jax.random.key(args.seed + 1), params, lconfig,
                          trace=lambda p: apply(p, probe))
   print(lj.summary(lparams).line())
-  tx = lj.optimizer(optax.adamw(args.lr), lparams)
-  opt_state = tx.init(lparams)
-  step_fn = make_step(lora_apply, tx)
+  trainable, frozen = lj.split(lparams)  # A, B | base weights: an input of the step only
+  trainable = jax.tree.map(jnp.copy, trainable)  # the step donates it; lparams0 keeps its own
+  tx = optax.adamw(args.lr)               # plain optax on the trainable half
+  opt_state = tx.init(trainable)
+  step_fn = lj.train_step(make_loss(lora_apply), tx)
   lparams0 = lparams  # B = 0: exactly the base model (kept for "before" figures)
 
   n = min(args.seq_len // 2, 24)
@@ -392,6 +400,7 @@ def main(argv=None) -> dict:
   start, losses, resumed = 0, [], mngr.latest_step() is not None
   if resumed:
     start, lparams, opt_state, losses = restore(mngr, params, opt_state)
+    trainable, frozen = lj.split(lparams)
     print(f"resumed from step {start}")
   if start >= args.steps:
     print(f"the checkpoint in {mngr.directory} is at step {start}, and --steps is "
@@ -404,11 +413,11 @@ def main(argv=None) -> dict:
     try:
       for k in bar:
         batch = batch_at(tok_b, k, args.seed, 1, args.batch_size, args.seq_len)
-        lparams, opt_state, loss = step_fn(lparams, opt_state, batch)
+        trainable, opt_state, loss = step_fn(trainable, opt_state, frozen, batch)
         losses.append(float(loss))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if k % args.save_every == 0 or k == args.steps:
-          save(mngr, k, lparams, opt_state, losses, lconfig)
+          save(mngr, k, lj.combine(trainable, frozen), opt_state, losses, lconfig)
     except KeyboardInterrupt:
       mngr.wait_until_finished()  # a save in flight completes
       bar.close()
@@ -417,6 +426,7 @@ def main(argv=None) -> dict:
           f"{mngr.latest_step()} in {mngr.directory}. Run the same command again "
           f"to resume from it.") from None
     mngr.wait_until_finished()
+  lparams = lj.combine(trainable, frozen)
   steps_kept = list(mngr.all_steps())
 
   evals = evaluate(lora_apply, {"base": lparams0, "lora": lparams},

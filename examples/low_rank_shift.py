@@ -38,38 +38,44 @@ def mse(params, x, y, fn=apply):
 
 
 def make_epoch(fn, tx, batch_size: int):
-  """One jitted epoch: a ``lax.scan`` of Adam steps over shuffled batches."""
-  def step(carry, idx, x, y):
-    params, opt_state = carry
-    loss, grads = jax.value_and_grad(mse)(params, x[idx], y[idx], fn)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
+  """One jitted epoch: a ``lax.scan`` of Adam steps over shuffled batches.
+
+  ``params`` is the trainable half and ``frozen`` the rest (``lj.split``; for
+  full training ``frozen`` is None): only the trainable half is
+  differentiated and updated (``lj.train_step``)."""
+  step = lj.train_step(lambda p, x, y: mse(p, x, y, fn), tx, jit=False)
 
   @jax.jit
-  def epoch(params, opt_state, x, y, key):
+  def epoch(params, opt_state, frozen, x, y, key):
     n = x.shape[0] // batch_size * batch_size
     order = jax.random.permutation(key, x.shape[0])[:n].reshape(-1, batch_size)
     (params, opt_state), losses = jax.lax.scan(
-        lambda c, idx: step(c, idx, x, y), (params, opt_state), order)
+        lambda c, idx: (lambda t, s, l: ((t, s), l))(*step(*c, frozen, x[idx], y[idx])),
+        (params, opt_state), order)
     return params, opt_state, losses.mean()
   return epoch
 
 
 def train(fn, params, x, y, tx, epochs, batch_size, key, desc, quiet):
   """``epochs`` epochs; returns params, per-epoch mean batch loss, full-data
-  loss every 10 epochs (the post's printout)."""
+  loss every 10 epochs (the post's printout). LoRA params are split, so the
+  frozen kernel is never differentiated; ``tx`` sees the trainable half."""
+  lora = any(isinstance(v, lj.LoraWeight) for v in jax.tree.leaves(
+      params, is_leaf=lambda v: isinstance(v, lj.LoraWeight)))
+  params, frozen = lj.split(params) if lora else (params, jax.tree.map(lambda _: None, params))
   epoch = make_epoch(fn, tx, batch_size)
-  full = jax.jit(lambda p: mse(p, x, y, fn))
+  full = jax.jit(lambda p: mse(lj.combine(p, frozen) if lora else p, x, y, fn))
   opt_state = tx.init(params)
   curve, checkpoints = [], []
   bar = progress(range(1, epochs + 1), desc, quiet)
   for e in bar:
-    params, opt_state, loss = epoch(params, opt_state, x, y, jax.random.fold_in(key, e))
+    params, opt_state, loss = epoch(params, opt_state, frozen, x, y,
+                                    jax.random.fold_in(key, e))
     curve.append(float(loss))
     bar.set_postfix(loss=f"{curve[-1]:.4g}")
     if e % 10 == 0 or e == epochs:
       checkpoints.append((e, float(full(params))))
-  return params, np.array(curve), checkpoints
+  return (lj.combine(params, frozen) if lora else params), np.array(curve), checkpoints
 
 
 def plot(pre_curve, lora_curve, path):
@@ -124,7 +130,7 @@ def main(argv=None) -> dict:
   print(lj.summary(lparams).line())
   with Timer() as t_lora:
     lparams, lora_curve, lora_log = train(
-        lj.lora(apply), lparams, x2, y2, lj.optimizer(optax.adam(args.lr), lparams),
+        lj.lora(apply), lparams, x2, y2, optax.adam(args.lr),
         args.epochs, args.batch_size, k_ft, f"rank-{args.rank} LoRA", args.quiet)
 
   delta = np.asarray(lj.delta(lparams["kernel"]))

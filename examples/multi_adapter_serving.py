@@ -44,7 +44,8 @@ import lora_jax as lj
 from lora_jax.models import Llama, generate_cached, init_cache, init_params
 
 from _common import Timer, figure_path, parser, progress, pyplot, save_figure, table
-from llama_lora import TARGETS, TEXT, ByteTokenizer, make_step, read_text, tiny_config
+from llama_lora import (TARGETS, TEXT, ByteTokenizer, make_loss, make_step, read_text,
+                        tiny_config)
 
 TASKS = {
     "upper": str.upper,
@@ -109,16 +110,17 @@ def train_adapters(model, params, words, args) -> tuple[dict, dict]:
   apply = lambda p, ids: model.apply({"params": p}, ids)
   lconfig = lj.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=TARGETS)
   probe = jnp.zeros((1, 8), jnp.int32)
-  adapters, losses, step, tx = {}, {}, None, None
+  tx = optax.adamw(args.lr)  # plain optax on the trainable half (A, B)
+  lora_step = lj.train_step(make_loss(lj.lora(apply)), tx)  # one compiled step for all four
+  adapters, losses = {}, {}
   for k, (name, fn) in enumerate(TASKS.items()):
     lparams = lj.lora_init(jax.random.key(args.seed + 10 + k), params, lconfig,
                            trace=lambda p: apply(p, probe))
-    if step is None:  # the four adapters share shapes: one compiled step for all
-      tx = lj.optimizer(optax.adamw(args.lr), lparams)
-      step = make_step(lj.lora(apply), tx)
-    lparams, losses[name] = train(step, lparams, tx, words, fn, args.steps, args,
-                                  f"adapter {name!r} (A, B only)", args.seed + 100 + k)
-    adapters[name] = lj.adapter(lparams)
+    trainable, frozen = lj.split(lparams)  # the base: an input of the step only
+    step = lambda t, opt_state, batch, frozen=frozen: lora_step(t, opt_state, frozen, batch)
+    trainable, losses[name] = train(step, trainable, tx, words, fn, args.steps, args,
+                                    f"adapter {name!r} (A, B only)", args.seed + 100 + k)
+    adapters[name] = lj.adapter(lj.combine(trainable, frozen))
   return adapters, losses
 
 

@@ -16,7 +16,7 @@ model through a pure function that merges the pieces back.
    poor at them; rank-4 LoRA adapters on every ``nnx.Linear`` kernel
    (``lj.lora_init`` on the ``nnx.Param`` state) are trained on mirrored
    digits with dropout active (the RNG state advances every step), and only
-   the adapters train (``lj.optimizer``).
+   the adapters train (``lj.train_step``).
 4. Merge (``lj.merge``) into plain weights, save the adapter with Orbax
    (``lj.save_adapter``) and load it back onto the base (``lj.load_adapter``).
 
@@ -78,11 +78,17 @@ def make_predict(graphdef):
   return predict
 
 
-def make_step(apply, tx):
-  """A jitted optimizer step; returns the advanced RNG state with the params."""
+def make_loss(apply):
+  """The cross-entropy, with the advanced RNG state as aux."""
   def loss_fn(params, rest, x, y):
     logits, rest = apply(params, rest, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), rest
+  return loss_fn
+
+
+def make_step(apply, tx):
+  """A jitted step training every weight; returns the advanced RNG state with the params."""
+  loss_fn = make_loss(apply)
 
   @jax.jit
   def step(params, rest, opt_state, x, y):
@@ -177,12 +183,19 @@ def main(argv=None) -> dict:
                          trace=lambda p: forward(p, rest, x_probe)[0])
   print(lj.summary(lparams))
   apply = lj.lora(forward)
-  tx = lj.optimizer(optax.adam(args.lr), lparams)
+  trainable, frozen = lj.split(lparams)  # A, B | the frozen weights (an input of the step)
+  tx = optax.adam(args.lr)                # plain optax on the trainable half
+  lora_step = lj.train_step(make_loss(apply), tx, has_aux=True)
+
+  def step(t, rest, opt_state, x, y):
+    t, opt_state, (loss, rest) = lora_step(t, opt_state, frozen, rest, x, y)
+    return t, rest, opt_state, loss
   count_before = rng_count(rest)
-  lparams, rest, lora_losses = train(
-      make_step(apply, tx), lparams, rest, tx.init(lparams), (mirror(x_tr), y_tr),
+  trainable, rest, lora_losses = train(
+      step, trainable, rest, tx.init(trainable), (mirror(x_tr), y_tr),
       args.lora_steps, np.random.default_rng(args.seed + 3), "LoRA (mirrored digits)",
       args.quiet)
+  lparams = lj.combine(trainable, frozen)
   count_after = rng_count(rest)
 
   # 3. Merge, save, load.

@@ -12,9 +12,9 @@ What it does (under a minute on 2 CPU cores; seconds with --fast):
    error of every projection in every layer is printed
    (``||W_nf4 - W|| / ||W||``).
 3. Fine-tuning. The same rank-8 adapters, the same seed, batches and steps on
-   the second half, once on each base (``lj.optimizer(optax.adamw)``: only A
-   and B train; the NF4 codes get float0 gradients from
-   ``jax.grad(..., allow_int=True)`` and stay as they are).
+   the second half, once on each base (``lj.train_step`` with
+   ``optax.adamw``: only A and B are differentiated and updated; the NF4
+   codes sit in the frozen half, an input of the step, and stay as they are).
 4. Report. Training losses and the final held-in losses side by side, the
    per-layer quantization errors, and a PNG (``out/qlora_llama/qlora_llama.png``).
 
@@ -46,17 +46,12 @@ TARGETS = llama_lora.TARGETS
 
 
 def make_step(apply, tx):
-  """A jitted step; ``allow_int`` gives the integer NF4 codes float0 gradients."""
+  """A jitted step on the trainable half; the NF4 codes sit in the frozen half,
+  an input of the step that is never differentiated."""
   def loss_fn(params, batch):
     logits = apply(params, batch[:, :-1]).astype(jnp.float32)
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
-
-  @jax.jit
-  def step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(loss_fn, allow_int=True)(params, batch)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-  return step
+  return lj.train_step(loss_fn, tx)
 
 
 def layer_errors(params, qparams) -> dict:
@@ -80,15 +75,16 @@ def finetune(name, apply, base_params, tokens, args, trace):
   """LoRA on ``base_params``: ``(lparams, losses)``."""
   lconfig = lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=TARGETS)
   lparams = lj.lora_init(jax.random.key(args.seed + 1), base_params, lconfig, trace=trace)
-  tx = lj.optimizer(optax.adamw(args.lr), lparams)
-  opt_state, step, losses = tx.init(lparams), make_step(lj.lora(apply), tx), []
+  trainable, frozen = lj.split(lparams)  # A, B | codes, scales, norms, embeddings
+  tx = optax.adamw(args.lr)               # plain optax on the trainable half
+  opt_state, step, losses = tx.init(trainable), make_step(lj.lora(apply), tx), []
   bar = progress(range(1, args.steps + 1), f"LoRA on the {name} base", args.quiet)
   for k in bar:
     batch = llama_lora.batch_at(tokens, k, args.seed, 1, args.batch_size, args.seq_len)
-    lparams, opt_state, loss = step(lparams, opt_state, batch)
+    trainable, opt_state, loss = step(trainable, opt_state, frozen, batch)
     losses.append(float(loss))
     bar.set_postfix(loss=f"{losses[-1]:.3f}")
-  return lparams, losses
+  return lj.combine(trainable, frozen), losses
 
 
 def held_in_loss(apply, lparams, tokens, seq_len) -> float:

@@ -10,7 +10,7 @@ handwritten digits bundled with scikit-learn (no download), so the MLP is
 1. Pretrain the MLP briefly on data where one digit (9) is rare, so the
    model is weak on it.
 2. Add rank-1 adapters to every Dense kernel (``lj.lora_init``), train only
-   them (``lj.optimizer``) on that digit's training examples alone.
+   them (``lj.train_step``) on that digit's training examples alone.
 3. Check what LoRA promises: with adapters off (``lj.base``) the predictions
    are exactly the original ones and the base kernels are bit-identical;
    merged weights (``lj.merge``) predict like the adapted model; the adapter
@@ -61,11 +61,17 @@ def load_data(seed: int, digit: int, keep: float):
   return (x_tr[pre], y_tr[pre]), (x_tr[rare], y_tr[rare]), (x_te, y_te)
 
 
-def make_train_step(apply, tx):
-  """A jitted Adam step on the cross-entropy of ``apply(params, x)``."""
+def make_loss(apply):
+  """The cross-entropy of ``apply(params, x)``."""
   def loss_fn(params, x, y):
     logits = apply(params, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return loss_fn
+
+
+def make_train_step(apply, tx):
+  """A jitted Adam step on the cross-entropy of ``apply(params, x)`` (every weight trains)."""
+  loss_fn = make_loss(apply)
 
   @jax.jit
   def step(params, opt_state, x, y):
@@ -151,12 +157,15 @@ def main(argv=None) -> dict:
   config = lj.LoraConfig(rank=args.rank)
   lparams = lj.lora_init(key_lora, params, config)
   print(lj.summary(lparams))
-  tx = lj.optimizer(optax.adam(args.lr), lparams)
+  trainable, frozen = lj.split(lparams)  # A, B | the frozen kernels and biases
+  tx = optax.adam(args.lr)                # plain optax: it sees A and B only
   predict_lora = jax.jit(lj.lora(model.apply))
-  step = make_train_step(lj.lora(model.apply), tx)
-  lparams, _ = train(step, lparams, tx.init(lparams), x_ft, y_ft, args.lora_steps, 10,
-                     np.random.default_rng(args.seed + 1), f"LoRA on digit {args.digit}",
-                     args.quiet)
+  lora_step = lj.train_step(make_loss(lj.lora(model.apply)), tx)  # frozen: an input only
+  step = lambda t, opt_state, x, y: lora_step(t, opt_state, frozen, x, y)
+  trainable, _ = train(step, trainable, tx.init(trainable), x_ft, y_ft, args.lora_steps, 10,
+                       np.random.default_rng(args.seed + 1), f"LoRA on digit {args.digit}",
+                       args.quiet)
+  lparams = lj.combine(trainable, frozen)
   logits_lora = np.asarray(predict_lora(lparams, x_te))
   after = errors_per_digit(logits_lora.argmax(-1), y_te)
 

@@ -181,19 +181,15 @@ def main(argv=None) -> dict:
   print(sharding_table(lparams, dict(mesh.shape)))
   print(lj.summary(lparams).line())
 
-  tx = lj.optimizer(optax.adam(args.lr), lparams)
+  tx = optax.adam(args.lr)  # plain optax on the trainable half
   apply = lj.lora(model.apply)
   shardings = lj.lora_shardings(lparams)
+  t_shardings, f_shardings = lj.split(shardings)  # the halves' shardings
   data = NamedSharding(mesh, P("data"))
 
   def loss_fn(p, tokens):
     logits = apply({"params": p}, tokens[:, :-1])
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-  def step(p, opt, tokens):
-    loss, g = jax.value_and_grad(loss_fn)(p, tokens)
-    upd, opt = tx.update(g, opt, p)
-    return optax.apply_updates(p, upd), opt, loss
 
   @jax.jit
   def accuracy(p, tokens):
@@ -204,21 +200,24 @@ def main(argv=None) -> dict:
                                             cfg.vocab_size), data)
   acc_before = float(accuracy(lparams, held_out))
 
-  opt_state = jax.jit(tx.init)(lparams)  # Adam moments sharded like A and B
+  trainable, frozen = lj.split(lparams)  # A, B | the base: an input of the step only
+  opt_state = jax.jit(tx.init)(trainable)  # Adam moments sharded like A and B
   opt_shardings = jax.tree.map(  # the step counter replicated over the mesh
       lambda x: x.sharding if isinstance(x.sharding, NamedSharding)
       else NamedSharding(mesh, P()), opt_state)
   opt_state = jax.device_put(opt_state, opt_shardings)
-  step = jax.jit(step, in_shardings=(shardings, opt_shardings, data),
-                 out_shardings=(shardings, opt_shardings, None), donate_argnums=(0, 1))
+  step = jax.jit(lj.train_step(loss_fn, tx, jit=False),
+                 in_shardings=(t_shardings, opt_shardings, f_shardings, data),
+                 out_shardings=(t_shardings, opt_shardings, None), donate_argnums=(0, 1))
   losses = []
   bar = progress(range(args.steps), "train (A, B only)", args.quiet)
   for i in bar:
     tokens = jax.device_put(synthetic_batch(jax.random.fold_in(key, 100 + i), args.batch,
                                             args.seq, cfg.vocab_size), data)
-    lparams, opt_state, loss = step(lparams, opt_state, tokens)
+    trainable, opt_state, loss = step(trainable, opt_state, frozen, tokens)
     losses.append(float(loss))
     bar.set_postfix(loss=f"{losses[-1]:.3f}")
+  lparams = lj.combine(trainable, frozen)
   acc_after = float(accuracy(lparams, held_out))
 
   a_q = lparams["layers"]["self_attn"]["q_proj"]["kernel"]

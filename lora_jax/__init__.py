@@ -42,6 +42,7 @@ from lora_jax._src.summary import Summary as Summary
 from lora_jax._src.summary import summary as summary
 from lora_jax._src.transform import LoraFallbackWarning as LoraFallbackWarning
 from lora_jax._src.transform import lora as lora
+from lora_jax._src.train import train_step as train_step
 from lora_jax._src.weight import LoraWeight as LoraWeight
 from lora_jax._src.weight import Trainable as Trainable
 from lora_jax._src.weight import delta as delta
@@ -81,6 +82,7 @@ __all__ = (
     "stack_adapters",
     "summary",
     "to_lora",
+    "train_step",
     "unmerge",
     "unstack_adapters",
 )

@@ -8,7 +8,8 @@ import optax
 
 from lora_jax._src import tree
 from lora_jax._src.types import Params
-from lora_jax._src.weight import LoraWeight, Trainable, describe, factor_problems, is_node
+from lora_jax._src.weight import (FrozenKernel, LoraWeight, Trainable, describe,
+                                  factor_problems, is_node)
 
 TRAINABLE = "trainable"
 FROZEN = "frozen"
@@ -170,7 +171,9 @@ def _halves(x: Params):
   """{path: node or leaf} with None kept, and the treedef, for combine's checks."""
   stop = lambda y: y is None or is_node(y)
   leaves, treedef = tree.flatten(x, is_leaf=stop)
-  return dict(leaves), jax.tree.structure(x, is_leaf=lambda y: y is None)
+  # a quantized base kernel (QuantizedWeight) is one leaf of the frozen half
+  return dict(leaves), jax.tree.structure(
+      x, is_leaf=lambda y: y is None or isinstance(y, FrozenKernel))
 
 
 def _node_kind(x) -> str:
@@ -203,7 +206,7 @@ def _check_halves(trainable: Params, frozen: Params) -> None:
 
 
 def _pairs(trainable: Params, frozen: Params):
-  none = lambda y: y is None
+  none = lambda y: y is None or isinstance(y, FrozenKernel)
   t, _ = jax.tree_util.tree_flatten_with_path(trainable, is_leaf=none)
   f = jax.tree.leaves(frozen, is_leaf=none)
   return [(tree.path_str(p), (a, b)) for (p, a), b in zip(t, f)]
