@@ -22,7 +22,7 @@ from jax import lax
 from jax.extend import core as jex_core
 
 from lora_jax._src import interpreter
-from lora_jax._src.interpreter import bind, is_lazy, warn_or_refuse
+from lora_jax._src.interpreter import bind, flatten_lazy, is_lazy, warn_or_refuse
 
 
 def _body(eqn):
@@ -65,32 +65,9 @@ def _custom(ctx, eqn, invals):
   return outs
 
 
-def _flatten(invals):
-  """Lazy values as their arrays (w, a, b), and how to put them back."""
-  flat, shapes = [], []
-  for x in invals:
-    if is_lazy(x):
-      flat += [x.w, x.a, x.b]
-      shapes.append(x)
-    else:
-      flat.append(x)
-      shapes.append(None)
-
-  def unflatten(out):
-    it, res = iter(out), []
-    for like in shapes:
-      if like is None:
-        res.append(next(it))
-      else:
-        w, a, b = next(it), next(it), next(it)
-        res.append(like.replace(w=w, a=a, b=b))
-    return res
-  return flat, unflatten
-
-
 def _barrier(ctx, eqn, invals):
   """``optimization_barrier`` over the factors: the kernel stays lazy."""
-  flat, unflatten = _flatten(invals)
+  flat, unflatten = flatten_lazy(invals)
   return unflatten(lax.optimization_barrier(flat))
 
 

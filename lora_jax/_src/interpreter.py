@@ -301,6 +301,29 @@ def concrete(xs, ctx: _Context | None = None, eqn=None, where: str = ""):
   return [x.materialize() if is_lazy(x) else x for x in xs]
 
 
+def flatten_lazy(invals):
+  """Lazy values as their arrays (w, a, b), and how to put them back."""
+  flat, shapes = [], []
+  for x in invals:
+    if is_lazy(x):
+      flat += [x.w, x.a, x.b]
+      shapes.append(x)
+    else:
+      flat.append(x)
+      shapes.append(None)
+
+  def unflatten(out):
+    it, res = iter(out), []
+    for like in shapes:
+      if like is None:
+        res.append(next(it))
+      else:
+        w, a, b = next(it), next(it), next(it)
+        res.append(like.replace(w=w, a=a, b=b))
+    return res
+  return flat, unflatten
+
+
 # ------------------------------------------------------------------ registry
 
 # primitive name -> rule(ctx, eqn, invals) -> list of outputs

@@ -21,7 +21,7 @@ from jax.extend import core as jex_core
 from jax.sharding import PartitionSpec
 
 from lora_jax._src import interpreter
-from lora_jax._src.interpreter import concrete, eval_jaxpr, fallback, is_lazy
+from lora_jax._src.interpreter import concrete, eval_jaxpr, fallback, flatten_lazy, is_lazy
 from lora_jax._src.quant import is_quantized
 
 
@@ -71,34 +71,24 @@ def _shard_map(ctx, eqn, invals):
   if any(is_lazy(x) and (x.stacked or is_quantized(x.w)) for x in invals):
     return fallback(ctx, eqn, invals)  # a stack of adapters: no single kernel
   jaxpr = p["jaxpr"]
-  flat, flat_specs, lazies = [], [], []
+  flat, unflatten = flatten_lazy(invals)
+  flat_specs = []
   for x, spec in zip(invals, in_specs):
     if is_lazy(x):
       _check_fits(x, spec, mesh)
       entries = _entries(spec, x.ndim)
-      flat += [x.w, x.a, x.b]
       flat_specs += [spec, _factor_spec(entries, x.a_dims), _factor_spec(entries, x.b_dims)]
-      lazies.append(x)
     else:
-      flat.append(x)
       flat_specs.append(spec)
-      lazies.append(None)
   pos = {v: k for k, v in enumerate(jaxpr.invars)}
   kept = {}  # outputs that are a kernel passed in, with the same spec
   for i, v in enumerate(jaxpr.outvars):
     k = pos.get(v) if isinstance(v, jex_core.Var) else None
-    if k is not None and lazies[k] is not None and tuple(out_specs[i]) == tuple(in_specs[k]):
-      kept[i] = lazies[k]
+    if k is not None and is_lazy(invals[k]) and tuple(out_specs[i]) == tuple(in_specs[k]):
+      kept[i] = invals[k]
 
   def body(*local):
-    it, vals = iter(local), []
-    for like in lazies:
-      if like is None:
-        vals.append(next(it))
-      else:
-        w, a, b = next(it), next(it), next(it)
-        vals.append(like.replace(w=w, a=a, b=b))
-    outs = eval_jaxpr(jaxpr, (), vals, ctx)
+    outs = eval_jaxpr(jaxpr, (), unflatten(local), ctx)
     rest = [o for i, o in enumerate(outs) if i not in kept]
     return tuple(concrete(rest, ctx, eqn, "a `shard_map` body"))
 
