@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 import lora_jax as lj
+from bench.cli import HelpFormatter
 
 TARGETS = r".*(wq|wk|wv|wo|up|down)"
 NAMES = ("wq", "wk", "wv", "wo", "up", "down")
@@ -196,12 +197,14 @@ def table(rows) -> str:
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(prog="python -m bench.compile_time", description=__doc__)
-  p.add_argument("--layers", type=int, default=48)
-  p.add_argument("--d", type=int, default=256)
-  p.add_argument("--rank", type=int, default=8)
-  p.add_argument("--reps", type=int, default=3)
-  p.add_argument("--only", default=None, help="substring of the program names to run")
+  p = argparse.ArgumentParser(prog="python -m bench.compile_time", description=__doc__,
+                              formatter_class=HelpFormatter)
+  p.add_argument("--layers", type=int, default=48, help="decoder layers")
+  p.add_argument("--d", type=int, default=256, help="model width")
+  p.add_argument("--rank", type=int, default=8, help="LoRA rank on q/k/v/o/up/down")
+  p.add_argument("--reps", type=int, default=3, help="rounds (the minimum is reported)")
+  p.add_argument("--only", default=None,
+                 help="substring of the program names to run (default: all four)")
   args = p.parse_args(argv)
   print(f"# jit(lora(f)) vs jit(f) and a hand-written LoRA: {args.layers} layers, d={args.d}, rank {args.rank} "
         f"on q/k/v/o/up/down; min of {args.reps}, interleaved; "

@@ -47,6 +47,8 @@ import time
 
 import numpy as np
 
+from bench.cli import HelpFormatter
+
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGETS = r".*(q|k|v|o|gate|up|down)_proj/kernel"
 RANK, ALPHA, LR, WD = 8, 16, 1e-4, 1e-4
@@ -336,7 +338,8 @@ def _shape(shape: str) -> str:
 
 
 def parse(argv=None):
-  p = argparse.ArgumentParser(prog="python -m bench.peft", description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(prog="python -m bench.peft", description=__doc__.split("\n")[0],
+                              formatter_class=HelpFormatter)
   p.add_argument("--shapes", nargs="+", default=["small", "big"], choices=sorted(SHAPES),
                  help="model shapes to run")
   p.add_argument("--rounds", type=int, default=20, help="timed rounds (one step of each)")

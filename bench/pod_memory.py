@@ -51,6 +51,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 import lora_jax as lj  # noqa: E402
 from bench import qlora_memory as qm  # noqa: E402
+from bench.cli import HelpFormatter  # noqa: E402
 from lora_jax._src import quant_sharding  # noqa: E402
 from lora_jax._src.quant import is_quantized  # noqa: E402
 from lora_jax._src.sharding import factor_specs  # noqa: E402
@@ -213,12 +214,13 @@ def markdown(results: dict, tokens: int, platform: str) -> str:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m bench.pod_memory", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=HelpFormatter)
   p.add_argument("--shapes", default="8b,70b", help="comma-separated: " + ",".join(SHAPES))
   p.add_argument("--meshes", default="2x4,8x8",
                  help="comma-separated (fsdp)x(model) meshes, at most 64 devices")
   p.add_argument("--tokens", type=int, default=2048, help="sequence length")
-  p.add_argument("--variants", default=",".join(VARIANTS))
+  p.add_argument("--variants", default=",".join(VARIANTS),
+                 help="comma-separated train steps to compile")
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
                  help="directory for the .md and .json")
   args = p.parse_args(argv)

@@ -13,7 +13,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 EXAMPLES = sorted(p.stem for p in (ROOT / "examples").glob("*.py") if not p.stem.startswith("_"))
 
-BENCH = ["bench.__main__", "bench.qlora_memory", "bench.serving"]
+BENCH = ["bench.__main__", "bench.compile_time", "bench.peft", "bench.pod_memory",
+         "bench.qlora_memory", "bench.serving"]
 
 
 class _Parsed(Exception):
@@ -39,7 +40,8 @@ def test_help_shows_every_default(name, monkeypatch):
   formatter = p._get_formatter()
   missing = []
   for action in p._actions:
-    if not action.option_strings or action.nargs == 0:  # positional, flags, --help
+    if (not action.option_strings or action.nargs == 0  # positional, flags, --help
+        or action.help == argparse.SUPPRESS):  # hidden (an internal flag)
       continue
     shown = formatter._expand_help(action) if action.help else ""
     if "(default: " not in shown or "(default: None)" in shown:
