@@ -75,6 +75,20 @@ def test_other_python_blocks_say_they_are_sketches(page):
   assert not unlabelled, f"{page}: python blocks neither runnable nor labelled a sketch: {unlabelled}"
 
 
+OTHER_BLOCK = re.compile(r"\n```(?!python\n)(?P<lang>[a-z]+)\n", re.S)
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p.startswith("docs")])
+def test_other_code_blocks_in_the_docs_say_they_are_sketches(page):
+  """Shell commands and output in the documentation are not run by a test:
+  the sentence before each says it is a sketch."""
+  text, unlabelled = TEXT[page], []
+  for m in OTHER_BLOCK.finditer(text):
+    if "sketch" not in text[max(0, m.start() - 400):m.start()].lower():
+      unlabelled.append(text[m.end():].splitlines()[0])
+  assert not unlabelled, f"{page}: code blocks neither run nor labelled a sketch: {unlabelled}"
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_pages_name_only_files_that_exist(page):
   text = TEXT[page]
