@@ -31,7 +31,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lora_jax._src.interpreter import ADAPTER, _Lazy
+from lora_jax._src import factor_ops
+from lora_jax._src.interpreter import ADAPTER, _Lazy, bind
 
 STRATEGIES = ("auto", "gather", "onehot", "segments")
 ADAPTER_LETTER = "R"  # the adapter axis in einsum subscripts (rules' letters skip it)
@@ -253,8 +254,7 @@ def pick(ctx, v: _Lazy, kernel: str, rows: int, tokens: int, d_in: int, d_out: i
   ``rows``: the input's row count (must be one per adapter id);
   ``segments_fits``: None, or why segments cannot serve this kernel.
   """
-  from lora_jax._src import rules
-  rules._row_ids(ctx, v, rows)  # one row per id, or an error naming the kernel
+  factor_ops.row_ids(ctx, v, rows)  # one row per id, or an error naming the kernel
   state = ctx.stack
   s = Shape(rows=rows, tokens=tokens, n=v.a.shape[v.a_dims.index(ADAPTER)],
             rank=v.a.shape[v.a_dims.index(None)], d_in=d_in, d_out=d_out,
@@ -295,8 +295,7 @@ def row_coef(ctx, v: _Lazy, rows: int):
   -1 rows are all zeros (the base alone); a row whose id is out of range
   gets NaN in one column, which poisons its output.
   """
-  from lora_jax._src import rules
-  k, scale = rules._row_ids(ctx, v, rows)
+  k, scale = factor_ops.row_ids(ctx, v, rows)
   n = v.a.shape[v.a_dims.index(ADAPTER)]
   hit = k[:, None] == jnp.arange(n)[None, :]
   return jnp.where(hit, scale[:, None], 0.0)
@@ -384,7 +383,6 @@ def dot(how, ctx, v: _Lazy, x, xs, f1s1, f2s2, t_sub, out, prec, pref):
 
 def conv(how, ctx, eqn, x, v: _Lazy):
   """The LoRA term of a stacked conv (``x``: the dropped-out input)."""
-  from lora_jax._src import rules
   dn = eqn.params["dimension_numbers"]
   bx, bo, co = dn.lhs_spec[0], dn.out_spec[0], dn.out_spec[1]
   out_axis = dn.rhs_spec[0]
@@ -394,19 +392,19 @@ def conv(how, ctx, eqn, x, v: _Lazy):
                               f"{v.a_dims} has no factored rule")
   if how == "onehot":
     m = merged(v)
-    k = rules._a_as_kernel(m, dn.rhs_spec[0])
-    z = rules.bind(eqn, [x, k])[0]
+    k = factor_ops.a_as_kernel(m, dn.rhs_spec[0])
+    z = bind(eqn, [x, k])[0]
     z = z * place(_coef_nr(ctx, v, x.shape[bx]).astype(z.dtype), _subs(z.ndim),
                   _subs(z.ndim)[bo] + _subs(z.ndim)[co])
-    return rules._rank_to(z, co, m)
+    return factor_ops.rank_to(z, co, m)
   lay = ctx.stack.layout
   a_t, b_t, s_t = _per_tile(v, lay)
 
   def branch(x_t, a_i, b_i, s_i):
     m = _member(v, a_i, b_i)
-    z = rules.bind(eqn, [jnp.moveaxis(x_t, 0, bx), rules._a_as_kernel(m, dn.rhs_spec[0])])[0]
+    z = bind(eqn, [jnp.moveaxis(x_t, 0, bx), factor_ops.a_as_kernel(m, dn.rhs_spec[0])])[0]
     z = z * s_i.astype(z.dtype)
-    return jnp.moveaxis(rules._rank_to(z, co, m), bo, 0)
+    return jnp.moveaxis(factor_ops.rank_to(z, co, m), bo, 0)
   z = jax.vmap(branch)(lay.to_tiles(x, bx), a_t, b_t, s_t)
   return lay.from_tiles(z, bo)
 
@@ -419,23 +417,22 @@ def _subs(ndim: int) -> str:
 
 def lookup(how, ctx, eqn, v: _Lazy, idx, out_axis: int, z_axis: int):
   """The LoRA term of a stacked embedding lookup (rows: idx's axis 0)."""
-  from lora_jax._src import rules
   if idx.ndim < 2 or 0 in eqn.params["dimension_numbers"].offset_dims:
-    raise rules._not_rows(v, f"the lookup's indices have shape {idx.shape}")
+    raise factor_ops.not_rows(v, f"the lookup's indices have shape {idx.shape}")
   if how == "onehot":
     m = merged(v)
     sizes = list(eqn.params["slice_sizes"])
     sizes[out_axis] = m.a.shape[m.a_dims.index(None)]
-    z = eqn.primitive.bind(rules._a_as_kernel(m, out_axis), idx,
+    z = eqn.primitive.bind(factor_ops.a_as_kernel(m, out_axis), idx,
                            **dict(eqn.params, slice_sizes=tuple(sizes)))
     subs = _subs(z.ndim)
     z = z * place(_coef_nr(ctx, v, idx.shape[0]).astype(z.dtype), subs,
                   subs[0] + subs[z_axis])
-    return rules._rank_to(z, z_axis, m)
+    return factor_ops.rank_to(z, z_axis, m)
   # segments: each row's A rows are looked up in place (no copy of a
   # vocab-sized factor); the rank -> out product runs per tile
   lay = ctx.stack.layout
-  z, _, _ = rules._stacked_gather_a(v, out_axis, idx, eqn, ctx)
+  z, _, _ = factor_ops.stacked_gather_a(v, out_axis, idx, eqn, ctx)
   _, b_t, s_t = _per_tile(v, lay)
   zt = lay.to_tiles(z)  # (tiles, T, ..., r at z_axis + 1)
   zt = zt * s_t.astype(zt.dtype).reshape((-1,) + (1,) * (zt.ndim - 1))
