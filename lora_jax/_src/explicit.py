@@ -129,15 +129,11 @@ def quantized_kernel_sharding(q):
   read from its codes' type (codes are ``stack + (out, in // k)``: the kernel
   gets the stacked axes' specs, and its first output and first input axis the
   codes' out and in specs); None off an explicit mesh."""
+  from lora_jax._src.quant_sharding import kernel_spec
   s = explicit_sharding(q.codes)
   if s is None:
     return None
-  spec = _padded(s.spec, q.codes.ndim)
-  roles = q.roles
-  firsts = {r: roles.index(r) for r in "io" if r in roles}
-  kernel = [spec[d] if r == "s" else spec[-2 if r == "o" else -1] if d == firsts[r]
-            else None for d, r in enumerate(roles)]
-  return NamedSharding(s.mesh, PartitionSpec(*kernel))
+  return NamedSharding(s.mesh, kernel_spec(s.spec, q.codes.ndim, q.roles))
 
 
 def in_auto_axes(f, out_sharding, like_array=None):

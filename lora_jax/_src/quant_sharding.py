@@ -57,22 +57,22 @@ def place_like(q, w):
                  inner_shape=q.inner_shape, inner_roles=q.inner_roles, dtype=q.dtype)
 
 
+def kernel_spec(codes_spec, codes_ndim: int, roles: str) -> PartitionSpec:
+  """The kernel's spec from its codes' (codes are ``stack + (out, in // k)``:
+  the kernel's stacked axes keep their specs, its first output and first input
+  axis get the codes' out and in specs, its other axes none)."""
+  spec = tuple(codes_spec) + (None,) * (codes_ndim - len(codes_spec))
+  firsts = {r: roles.index(r) for r in "io" if r in roles}
+  return PartitionSpec(*[spec[d] if r == "s" else spec[-2 if r == "o" else -1]
+                         if d == firsts[r] else None for d, r in enumerate(roles)])
+
+
 def kernel_sharding(q):
-  """The NamedSharding of the kernel ``q`` stands for, read from its codes
-  (the spec of its stacked axes, first output axis and first input axis)."""
+  """The NamedSharding of the kernel ``q`` stands for, read from its codes."""
   s = getattr(q.codes, "sharding", None)
   if isinstance(q.codes, jax.core.Tracer) or not isinstance(s, NamedSharding):
     return None
-  spec = tuple(s.spec) + (None,) * (q.codes.ndim - len(s.spec))
-  roles = q.roles
-  firsts = {r: roles.index(r) for r in "io"}
-  kernel = []
-  for d, r in enumerate(roles):
-    if r == "s":
-      kernel.append(spec[d])
-    else:
-      kernel.append(spec[-2 if r == "o" else -1] if d == firsts[r] else None)
-  return NamedSharding(s.mesh, PartitionSpec(*kernel))
+  return NamedSharding(s.mesh, kernel_spec(s.spec, q.codes.ndim, q.roles))
 
 
 def place_factors(q, a, b, roles: str):
