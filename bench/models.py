@@ -3,7 +3,8 @@
 Both are Linen modules built from one ``Linear`` layer that calls
 ``jax.lax.dot_general`` (so qwix, which intercepts that function, sees every
 matmul). ``Linear(rank=r)`` is the hand-written factored LoRA layer,
-``x·stop_gradient(W) + s·((x·A)·B)``: the same model with LoRA written into
+``x·stop_gradient(W) + s·((x·A)·B)`` (the branch as 2-D matmuls over the
+flattened tokens, the fastest form on XLA:CPU): the same model with LoRA written into
 its code, the floor a transform is measured against. ``NnxMLP`` is the MLP in
 Flax NNX, with ``nnx.LoRALinear`` layers when ``rank > 0``.
 """
@@ -16,6 +17,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 _DN = lambda x: (((x.ndim - 1,), (0,)), ((), ()))  # contract x's last axis with W's first
+
+
+def _tokens(x, w):
+  """``x @ w`` as one 2-D matmul over the flattened leading axes: its weight
+  gradient is then a plain matmul on XLA:CPU (a 3-D dot's transposes the
+  cotangent in a slow strided loop; see ``lora_jax/_src/einsum.py``)."""
+  x2 = x.reshape(-1, x.shape[-1])
+  y = jax.lax.dot_general(x2, w, _DN(x2))
+  return y.reshape(*x.shape[:-1], w.shape[-1])
 
 
 class Linear(nn.Module):
@@ -36,8 +46,8 @@ class Linear(nn.Module):
     if self.rank:
       a = self.param("lora_a", nn.initializers.lecun_normal(), (d_in, self.rank))
       b = self.param("lora_b", nn.initializers.zeros, (self.rank, self.features))
-      t = jax.lax.dot_general(x, a, _DN(x)) * jnp.asarray(self.scale, x.dtype)
-      y = y + jax.lax.dot_general(t, b, _DN(t))
+      t = _tokens(x, a) * jnp.asarray(self.scale, x.dtype)
+      y = y + _tokens(t, b)
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,))
       y = y + bias[(None,) * (y.ndim - 1)]

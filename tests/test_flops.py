@@ -134,3 +134,47 @@ def test_lora_compiles_to_the_hand_written_factored_program():
   (f_ours, s_ours), (f_hand, s_hand) = step(ours_full), step(hand)
   assert (hlo_ops(lambda s, x: f_ours(s, x, t), s_ours, x)
           == hlo_ops(lambda s, x: f_hand(s, x, t), s_hand, x))
+
+
+def _big_transposes(hlo: str, elements: int) -> list[str]:
+  """The optimized HLO's transposes of arrays with at least ``elements`` elements."""
+  found = []
+  for m in re.finditer(r"= \w+\[([\d,]*)\]\{[^}]*\} transpose\(", hlo):
+    if int(np.prod([int(d) for d in m.group(1).split(",") if d])) >= elements:
+      found.append(m.group(0))
+  return found
+
+
+def test_lora_gradient_of_a_token_batch_transposes_no_activation():
+  """The factored branch of a ``(batch, seq, d)`` input is a 2-D matmul over
+  the flattened tokens: the gradients of A and B then read the cotangent in
+  place. As a 3-D dot, its transpose made XLA:CPU copy the whole
+  ``(batch, seq, out)`` cotangent through a strided transpose (a third of
+  the ``bench.peft`` step at the big shape)."""
+  b, t, d, o = 4, 32, 64, 96
+  model = nn.Dense(o)
+  x = jax.random.normal(jax.random.key(0), (b, t, d))
+  params = model.init(jax.random.key(1), x)["params"]
+  train, frozen = lj.split(lj.lora_init(jax.random.key(2), params, lj.LoraConfig(rank=4)))
+  apply = lj.lora(model.apply)
+
+  def loss(train, frozen, x):
+    return jnp.sum(jnp.sin(apply({"params": lj.combine(train, frozen)}, x)))
+
+  hlo = jax.jit(jax.grad(loss)).lower(train, frozen, x).compile().as_text()
+  assert "dot(" in hlo
+  assert _big_transposes(hlo, b * t * min(d, o)) == []
+
+
+def test_llama_weight_gradients_transpose_no_activation():
+  """The bundled Llama's projections are 2-D matmuls over the tokens, so full
+  fine-tuning's weight gradients read the cotangents in place too."""
+  from lora_jax._src.models.llama import LlamaMLP
+  from lora_jax.models import LlamaConfig
+  cfg = LlamaConfig.tiny(hidden_size=64, intermediate_size=96)
+  mlp = LlamaMLP(cfg)
+  x = jax.random.normal(jax.random.key(0), (4, 32, 64))
+  params = mlp.init(jax.random.key(1), x)
+  loss = lambda p: jnp.sum(jnp.sin(mlp.apply(p, x)))
+  hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  assert _big_transposes(hlo, 4 * 32 * 64) == []

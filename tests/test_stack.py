@@ -286,3 +286,44 @@ def test_scanned_stack_is_indexed_per_layer_not_transposed():
   moved = [e for e in eqns(jaxpr.jaxpr) if e.primitive.name == "transpose"
            and e.invars[0].aval.shape in shapes]
   assert shapes and not moved, moved
+
+
+class _FlatTokens:
+  """``(B, T, d)`` tokens folded to ``(B·T, d)`` (or time-major ``(T·B, d)``)
+  before two matmuls, as many models do, then unfolded."""
+
+  def __init__(self, time_major: bool = False):
+    self.time_major = time_major
+
+  def __call__(self, params, x):
+    b, t, d = x.shape
+    h = jnp.swapaxes(x, 0, 1) if self.time_major else x
+    h = h.reshape(-1, d).astype(jnp.float32)  # a fold, then an op that keeps rows
+    h = jnp.tanh(h @ params["w1"]["kernel"]) @ params["w2"]["kernel"]
+    h = h.reshape(t, b, -1) if self.time_major else h.reshape(b, t, -1)
+    return jnp.swapaxes(h, 0, 1) if self.time_major else h
+
+
+@pytest.mark.parametrize("strategy", ["gather", "onehot", "segments"])
+def test_stack_serves_a_model_that_folds_tokens_into_rows(strategy):
+  """Each example's ``T`` folded rows meet that example's adapter."""
+  k = jax.random.split(jax.random.key(0), 3)
+  params = {"w1": {"kernel": jax.random.normal(k[0], (6, 8))},
+            "w2": {"kernel": jax.random.normal(k[1], (8, 5))}}
+  x = jax.random.normal(k[2], (len(IDS), 3, 6))
+  ads = [lj.adapter(randomize_b(lj.lora_init(jax.random.key(10 + i), params,
+                                             lj.LoraConfig(rank=2, alpha=3.0 + i)),
+                                seed=20 + i)) for i in range(3)]
+  fn = _FlatTokens()
+  run = lj.lora(fn, strict=True, stack_strategy=strategy)
+  mixed = jax.jit(run)(lj.attach(params, lj.stack_adapters(ads)), x,
+                       adapter_ids=jnp.asarray(IDS))
+  for i, a in enumerate(IDS):
+    alone = fn(params, x) if a == -1 else lj.lora(fn)(lj.attach(params, ads[a]), x)
+    np.testing.assert_allclose(np.asarray(mixed[i]), np.asarray(alone[i]),
+                               rtol=1e-5, atol=1e-5)
+  # time-major: axis 0 of the folded rows is time, not the batch: refused
+  with pytest.raises(ValueError, match="adapter_ids has 6 entries and the input's "
+                                       "leading axis has 18"):
+    lj.lora(_FlatTokens(time_major=True))(lj.attach(params, lj.stack_adapters(ads)),
+                                          x, adapter_ids=jnp.asarray(IDS))

@@ -51,6 +51,10 @@ def einsum2(spec: str, x, y, *, precision=None, preferred_element_type=None,
     dtype = jnp.promote_types(x.dtype, y.dtype)
     x, y = lax.convert_element_type(x, dtype), lax.convert_element_type(y, dtype)
   contract = [c for c in both if c not in out]
+  if not batch and not kw:
+    z = _as_matmul(xs, ys, out, contract, x, y, precision, preferred_element_type)
+    if z is not None:
+      return z
   dn = (([xs.index(c) for c in contract], [ys.index(c) for c in contract]),
         ([xs.index(c) for c in batch], [ys.index(c) for c in batch]))
   z = lax.dot_general(x, y, dn, precision=precision,
@@ -58,3 +62,27 @@ def einsum2(spec: str, x, y, *, precision=None, preferred_element_type=None,
   if got == list(out):
     return z
   return lax.transpose(z, [got.index(c) for c in out])
+
+
+def _as_matmul(xs, ys, out, contract, x, y, precision, preferred_element_type):
+  """``x·y`` as one 2-D matmul when the axes already line up as
+  ``x: (F..., C...)``, ``y: (C..., G...)``, ``out: (F..., G...)`` and some
+  group has more than one axis; else None.
+
+  Only reshapes (free in XLA), and the reason is speed: the transpose of a
+  dot with several free axes on one side (the weight gradient of a
+  ``(batch, seq, d)`` activation) makes XLA:CPU transpose the full-size
+  cotangent in a slow strided loop (``bench/peft.py``; ``docs/guides/
+  training_step.md``), where the 2-D form's gradient is a plain matmul.
+  """
+  nf, nc = len(xs) - len(contract), len(contract)
+  f, c, g = xs[:nf], xs[nf:], ys[nc:]
+  if (list(c) != contract or ys[:nc] != c or out != f + g
+      or (len(f) <= 1 and len(c) <= 1 and len(g) <= 1)):
+    return None
+  size = lambda shape: int(np.prod(shape, dtype=np.int64))
+  fs, cs, gs = x.shape[:nf], x.shape[nf:], y.shape[nc:]
+  z = lax.dot_general(x.reshape(size(fs), size(cs)), y.reshape(size(cs), size(gs)),
+                      (([1], [0]), ([], [])), precision=precision,
+                      preferred_element_type=preferred_element_type)
+  return z.reshape(*fs, *gs)

@@ -168,10 +168,66 @@ class _Context:
     self.pair = None if rng is None else _threefry_pair(jax.random.fold_in(rng, 0))
     self.adapter_ids = None  # (B,) int: each example's stack member, -1 = base
     self.stack = None  # stack_strategies.CallState: strategy, rows sorted once per call
+    self.grouped = {}  # id(value) -> (value, examples, rows per example): see track_rows
+
+  def track_rows(self, eqn, invals, outs) -> None:
+    """Remember a reshape that folds an input's leading axes into its axis 0.
+
+    With a stack, example ``i`` of ``adapter_ids`` is row ``i`` of the input
+    that meets a kernel. A model that flattens ``(B, T, d)`` to ``(B·T, d)``
+    before its matmuls keeps each example's tokens as ``T`` consecutive rows
+    (row-major order), so the matmul rule can fold them back
+    (``row_group``) instead of refusing. Only a fold of leading axes counts:
+    ``(T, B, d) -> (T·B, d)`` leaves axis 0 the time axis, and the rule
+    still names the mismatch.
+    """
+    name = eqn.primitive.name
+    if name != "reshape":
+      self._keep_rows(eqn, invals, outs)
+      return
+    x, y = invals[0], outs[0]
+    if not hasattr(y, "shape") or is_lazy(x) or not x.ndim or not y.ndim:
+      return
+    n, g = self.row_group(x) or (x.shape[0], 1)
+    size = 1
+    for k, d in enumerate(x.shape):
+      size *= d
+      if k and size == y.shape[0]:
+        self.grouped[id(y)] = (y, n, g * size // x.shape[0])
+        return
+      if size >= y.shape[0]:
+        return
+
+  def _keep_rows(self, eqn, invals, outs) -> None:
+    """Folded rows stay folded through an op that keeps them: one whose
+    output has a folded input's shape (elementwise ops, activations, norms;
+    not one that reorders axis 0), or a matmul that keeps the lhs' axis 0."""
+    if not self.grouped or eqn.primitive.name in _MIXES_ROWS:
+      return
+    for i, x in enumerate(invals):
+      group = None if is_lazy(x) else self.row_group(x)
+      if group is None:
+        continue
+      if eqn.primitive.name == "dot_general":
+        (lc, _), (lb, _) = eqn.params["dimension_numbers"]
+        if i or 0 in tuple(lc) + tuple(lb):
+          continue
+        keep = lambda y: True
+      else:
+        keep = lambda y, shape=x.shape: y.shape == shape
+      for y in outs:
+        if not is_lazy(y) and hasattr(y, "shape") and y.ndim and keep(y):
+          self.grouped[id(y)] = (y, *group)
+      return
+
+  def row_group(self, x):
+    """``(examples, rows per example)`` of a value ``track_rows`` saw, or None."""
+    got = self.grouped.get(id(x))
+    return got[1:] if got is not None and got[0] is x else None
 
   def child(self, rng) -> "_Context":
     ctx = _Context(self.strict, rng)
-    ctx.adapter_ids, ctx.stack = self.adapter_ids, self.stack
+    ctx.adapter_ids, ctx.stack, ctx.grouped = self.adapter_ids, self.stack, self.grouped
     return ctx
 
   def next_key(self):
@@ -277,10 +333,20 @@ def eval_jaxpr(jaxpr, consts, args, ctx: _Context):
         outs = compat.run_rule(rule, ctx, eqn, invals)
     else:
       outs = bind(eqn, invals)
+    if ctx.adapter_ids is not None:
+      ctx.track_rows(eqn, invals, outs)
     for v, x in zip(eqn.outvars, outs):
       if not isinstance(v, compat.DropVar):
         env[v] = x
   return [read(v) for v in jaxpr.outvars]
+
+
+# ops whose output may have its input's shape with rows reordered or mixed
+_MIXES_ROWS = frozenset({
+    "transpose", "rev", "sort", "cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp",
+    "gather", "scatter", "scatter-add", "scatter_add", "dynamic_slice",
+    "dynamic_update_slice", "slice", "concatenate", "pad", "all_to_all", "ppermute",
+    "while", "scan", "cond"})
 
 
 def concrete(xs, ctx: _Context | None = None, eqn=None, where: str = ""):

@@ -202,6 +202,9 @@ def _dot_general(ctx, eqn, invals):
     if not set(g_sub) <= set(out):  # the matmul contracts an output column
       return fallback(ctx, eqn, invals)
   if v.stacked:  # each example (x's axis 0) meets its own adapter's factors
+    group = ctx.row_group(x)
+    if group and group[0] == ctx.adapter_ids.shape[0] and 0 not in x_contract + x_batch:
+      return _regrouped(ctx, eqn, invals, side, group)
     if 0 in x_contract or 0 in x_batch:
       raise _not_rows(v, f"the matmul contracts or batches x's axis 0 (shape {x.shape})")
     d_in = layout._prod([x.shape[d] for d in x_contract])
@@ -245,6 +248,20 @@ def _dot_general(ctx, eqn, invals):
     g = jnp.squeeze(g, axis=v.b_dims.index(None))
     y = _dora_base(eqn, base, side, y, x, xd, g, g_sub, out)
   return [lax.add(y, lax.convert_element_type(z, y.dtype))]
+
+
+def _regrouped(ctx, eqn, invals, side, group):
+  """A stack's matmul on tokens folded ``(B·T, ...)`` (``track_rows``): the
+  same matmul on ``(B, T, ...)``, folded back, so example ``i``'s ``T`` rows
+  meet adapter ``ids[i]``."""
+  x = invals[1 - side]
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  shift = lambda dims: tuple(d + 1 for d in dims)
+  dn = ((shift(lc), rc), (shift(lb), rb)) if side == 1 else ((lc, shift(rc)), (lb, shift(rb)))
+  vals = list(invals)
+  vals[1 - side] = x.reshape(*group, *x.shape[1:])
+  y = _dot_general(ctx, eqn.replace(params={**eqn.params, "dimension_numbers": dn}), vals)[0]
+  return [y.reshape(eqn.outvars[0].aval.shape)]
 
 
 def _dora_base(eqn, base, side, y, x, xd, g, g_sub, out):

@@ -266,7 +266,27 @@ def rotary(x: Array, positions: Array, theta: float) -> Array:
 def _dense(cfg: LlamaConfig, features: int, bias: bool, name: str) -> nn.Dense:
   return nn.Dense(features, use_bias=bias, dtype=cfg.dtype,
                   param_dtype=cfg.param_dtype, kernel_init=_INIT, name=name,
-                  dot_general=explicit.dot_general)  # lax's, off an explicit mesh
+                  dot_general=_token_matmul)
+
+
+def _token_matmul(x, kernel, dimension_numbers, precision=None,
+                  preferred_element_type=None, out_sharding=None):
+  """``Dense``'s ``x · kernel`` with ``x``'s leading (token) axes folded into one.
+
+  The same product, as a 2-D matmul: the weight gradient of a ``(B, T, d)``
+  dot makes XLA:CPU transpose the full-size ``(B, T, out)`` cotangent in a
+  slow strided loop, the 2-D form's is a plain matmul (``bench/peft.py``:
+  this cut the full fine-tuning step). On an explicit mesh the batch axis'
+  sharding is named instead (``explicit.dot_general``).
+  """
+  (lc, rc), (lb, rb) = dimension_numbers
+  if (explicit.spec_of(x) is not None or out_sharding is not None or lb or rb
+      or tuple(lc) != (x.ndim - 1,) or x.ndim <= 2):
+    return explicit.dot_general(x, kernel, dimension_numbers, precision,
+                                preferred_element_type, out_sharding)
+  y = lax.dot_general(x.reshape(-1, x.shape[-1]), kernel, (((1,), rc), ((), ())),
+                      precision=precision, preferred_element_type=preferred_element_type)
+  return y.reshape(*x.shape[:-1], *y.shape[1:])
 
 
 def _norm(cfg: LlamaConfig, name: str) -> nn.RMSNorm:
