@@ -64,10 +64,16 @@ NAMES = ("peft", "peft_compile", "lora_jax", "jax_full", "torch_full")
 JAX_NAMES = ("lora_jax", "jax_full")
 
 
+def hf_config_dict(shape: str) -> dict:
+  """The HF ``LlamaConfig`` fields of ``shape`` (no transformers import)."""
+  return dict(model_type="llama", **SHAPES[shape]["hf"], rms_norm_eps=1e-6,
+              max_position_embeddings=1024, tie_word_embeddings=False)
+
+
 def hf_config(shape: str):
   import transformers
-  return transformers.LlamaConfig(**SHAPES[shape]["hf"], rms_norm_eps=1e-6,
-                                  max_position_embeddings=1024, tie_word_embeddings=False)
+  return transformers.LlamaConfig(**{k: v for k, v in hf_config_dict(shape).items()
+                                     if k != "model_type"})
 
 
 def batches(shape: str, n: int, seed: int = 0) -> np.ndarray:
@@ -170,7 +176,7 @@ def jax_params(shape: str, base_sd=None, adapter_dir=None, scan: bool = True):
   import jax
   import lora_jax as lj
   from lora_jax.models import LlamaConfig, init_params, llama_name_map, load_hf_llama
-  cfg = LlamaConfig.from_hf(hf_config(shape).to_dict(), scan_layers=scan)
+  cfg = LlamaConfig.from_hf(hf_config_dict(shape), scan_layers=scan)
   if base_sd is None:
     params = init_params(cfg)
   else:
@@ -267,6 +273,7 @@ def rss_one(shape: str, name: str, steps: int) -> dict:
     cfg, params, lp = jax_params(shape, scan=ARGS.scan)
     step = JaxStep(cfg, lp if name == "lora_jax" else params, lora=name == "lora_jax")
     del params, lp
+    assert "torch" not in sys.modules, "a JAX contender's RSS would count torch"
   else:
     step = build(shape, (name,))[name]
   for i in range(2):

@@ -331,14 +331,36 @@ class LlamaAttention(nn.Module):
     if kv_cache is not None:
       kv_cache = _write_cache(kv_cache, k, v, positions, layer)
       k, v = (lax.dynamic_index_in_dim(c, layer, 1, keepdims=False) for c in kv_cache)
-    # query head g * (h // kv) + r attends with kv head g (HF's repeat_kv).
-    scores = jnp.einsum("btgrd,bsgd->bgrts", q, k) * jnp.asarray(hd ** -0.5, q.dtype)
-    scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32),
-                       jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = explicit.reshape(jnp.einsum("bgrts,bsgd->btgrd", probs, v), (b, t, h * hd))
+    out = explicit.reshape(_attend(q, k, v, mask), (b, t, h * hd))
     out = _dense(cfg, cfg.hidden_size, bias, "o_proj")(out)
     return out if kv_cache is None else (out, kv_cache)
+
+
+@jax.checkpoint
+def _attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """Softmax attention of grouped queries ``(B, T, kv, r, hd)`` over ``(B, S,
+  kv, hd)`` keys/values: query head ``g·r + i`` attends with kv head ``g``
+  (HF's ``repeat_kv``).
+
+  Rematerialized: the backward pass recomputes the ``(B, heads, T, S)``
+  scores from ``q``, ``k`` and the mask instead of keeping three of them
+  per layer (the masked scores, their exponentials, the probabilities),
+  as torch's fused attention keeps only its inputs and output.
+  """
+  hd = q.shape[-1]
+  scores = jnp.einsum("btgrd,bsgd->bgrts", q, k) * jnp.asarray(hd ** -0.5, q.dtype)
+  scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32),
+                     jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bgrts,bsgd->btgrd", probs, v)
+
+
+@jax.checkpoint
+def _swiglu(gate: Array, up: Array) -> Array:
+  """``silu(gate) * up``, rematerialized: the backward pass recomputes the
+  SiLU from ``gate`` (elementwise, cheap) instead of keeping its
+  intermediates, so a layer keeps ``gate``, ``up`` and the product."""
+  return nn.silu(gate) * up
 
 
 def _write_cache(kv_cache: tuple[Array, Array], k: Array, v: Array,
@@ -361,7 +383,7 @@ class LlamaMLP(nn.Module):
     cfg = self.config
     gate = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "gate_proj")(x)
     up = _dense(cfg, cfg.intermediate_size, cfg.mlp_bias, "up_proj")(x)
-    return _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(nn.silu(gate) * up)
+    return _dense(cfg, cfg.hidden_size, cfg.mlp_bias, "down_proj")(_swiglu(gate, up))
 
 
 class LlamaBlock(nn.Module):
