@@ -295,7 +295,7 @@ def rss_all(shape: str) -> dict:
   for name in NAMES:
     cmd = [sys.executable, "-m", "bench.peft", "--rss-one", name, "--shapes", shape,
            "--threads", str(ARGS.threads), "--rss-steps", str(ARGS.rss_steps)]
-    cmd += ["--scan"] if ARGS.scan else []
+    cmd += ["--scan"] if ARGS.scan else []  # --hugetlb: the environment is inherited
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if proc.returncode:
       out[name] = {"error": proc.stderr[-800:]}
@@ -355,21 +355,31 @@ def parse(argv=None):
   p.add_argument("--scan", action="store_true",
                  help="scan the Flax model's layers (nn.scan; default: unrolled, like "
                       "the HF model: measured faster on XLA:CPU at 4 layers)")
+  p.add_argument("--hugetlb", action="store_true",
+                 help="rerun under GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (torch and XLA "
+                      "alike): malloc asks for transparent huge pages, so XLA's per-step "
+                      "temporaries fault in 2 MiB pages, not 4 KiB ones")
   p.add_argument("--rss", action="store_true",
                  help="also measure each contender's peak RSS in a fresh process")
   p.add_argument("--rss-steps", type=int, default=3, help="steady-state steps for --rss")
   p.add_argument("--rss-one", default=None, choices=NAMES, help=argparse.SUPPRESS)
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
-                 help="folder for peft-cpu.json / .md")
+                 help="folder for peft-cpu[-hugetlb][-scan].json / .md")
   return p.parse_args(argv)
 
 
 ARGS = None
+HUGETLB = "glibc.malloc.hugetlb=1"
 
 
 def main(argv=None) -> int:
   global ARGS
   ARGS = parse(argv)
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  if ARGS.hugetlb and HUGETLB not in tunables:  # glibc reads tunables at start-up only
+    env = {**os.environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, HUGETLB]))}
+    args = sys.argv[1:] if argv is None else list(argv)
+    os.execve(sys.executable, [sys.executable, "-m", "bench.peft", *args], env)
   if ARGS.rss_one:
     print(json.dumps(rss_one(ARGS.shapes[0], ARGS.rss_one, ARGS.rss_steps)))
     return 0
@@ -382,7 +392,8 @@ def main(argv=None) -> int:
   md = [f"# lora_jax vs PEFT, one HF Llama, float32, r={RANK} on all 7 projections, AdamW",
         "", f"{os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable by this process: "
         f"XLA:CPU's pool), torch threads {ARGS.threads}, scan_layers {ARGS.scan}, "
-        f"{ARGS.rounds} interleaved rounds, median step (ms). Shared machine: "
+        f"{ARGS.rounds} interleaved rounds, median step (ms), malloc "
+        f"{'with ' + HUGETLB if ARGS.hugetlb else 'glibc defaults'}. Shared machine: "
         "see the load column.", "", table(results)]
   for r in results:
     x = r["xla"]
@@ -397,9 +408,10 @@ def main(argv=None) -> int:
   text = "\n".join(md)
   print(text)
   os.makedirs(ARGS.out, exist_ok=True)
-  with open(os.path.join(ARGS.out, "peft-cpu.json"), "w") as f:
+  stem = os.path.join(ARGS.out, "peft-cpu" + "-hugetlb" * ARGS.hugetlb + "-scan" * ARGS.scan)
+  with open(stem + ".json", "w") as f:
     json.dump({"results": results, "rss": rss, "args": vars(ARGS)}, f, indent=1)
-  with open(os.path.join(ARGS.out, "peft-cpu.md"), "w") as f:
+  with open(stem + ".md", "w") as f:
     f.write(text + "\n")
   return 0
 
