@@ -14,7 +14,8 @@ def not_rows(v: _Lazy, found: str) -> ValueError:
       f"lora: {v.path} holds a stack of adapters, used with adapter_ids (one per "
       f"example), but {found}: the batch must be the leading axis of the input "
       "that meets the kernel, so row i can use adapter ids[i]. Keep the batch axis "
-      "first (do not fold it into another axis before this layer).")
+      "first, or fold only the axes after it into it (x.reshape(B * S, d)); do not "
+      "fold it behind another axis (a time-major (S, B, d) -> (S * B, d)).")
 
 
 def row_ids(ctx, v: _Lazy, rows: int):
