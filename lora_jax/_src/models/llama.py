@@ -256,11 +256,12 @@ def rotary(x: Array, positions: Array, theta: float) -> Array:
   """
   hd = x.shape[-1]
   inv = 1.0 / theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)
-  freqs = positions.astype(jnp.float32)[..., None] * inv[None, None, :]
-  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-  cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+  freqs = (positions.astype(jnp.float32)[..., None] * inv[None, None, :])[:, :, None, :]
+  cos, sin = jnp.cos(freqs).astype(x.dtype), jnp.sin(freqs).astype(x.dtype)
+  # HF's x * [cos, cos] + [-x2, x1] * [sin, sin], one half at a time: the
+  # same products and sums, without the full-width cos/sin and rotated copies
   x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
-  return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def _dense(cfg: LlamaConfig, features: int, bias: bool, name: str) -> nn.Dense:
