@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._src import layout, quant_sharding, sharding, tree
+from lora_jax._src import layout, sharding, tree
 from lora_jax._src.config import LoraConfig, layer_index
 from lora_jax._src.inits import is_base_changing, principal_factors
 from lora_jax._src.quant import abstract_quantized, is_quantized
@@ -189,8 +189,7 @@ def lora_init(key: jax.Array, params: Params, config: LoraConfig, *,
     if mask is not True:
       a = a * mask.reshape((-1,) + (1,) * (a.ndim - 1)).astype(dtype)
       b = b * mask.reshape((-1,) + (1,) * (b.ndim - 1)).astype(dtype)
-    place = quant_sharding.place_factors if is_quantized(w) else sharding.place_factors
-    a, b = place(w, a, b, roles)
+    a, b = sharding.place_factors(w, a, b, roles)
     out[k] = LoraWeight(w, a, b, scale=scale, roles=roles, dropout=float(config.dropout))
     if config.dora:
       out[k] = out[k].replace(m=_magnitude(path, out[k]).astype(dtype))

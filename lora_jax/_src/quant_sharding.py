@@ -73,13 +73,3 @@ def kernel_sharding(q):
   if isinstance(q.codes, jax.core.Tracer) or not isinstance(s, NamedSharding):
     return None
   return NamedSharding(s.mesh, kernel_spec(s.spec, q.codes.ndim, q.roles))
-
-
-def place_factors(q, a, b, roles: str):
-  """``(a, b)`` sharded like the kernel a sharded QuantizedWeight stands for."""
-  from lora_jax._src import sharding
-  s = kernel_sharding(q)
-  if s is None:
-    return a, b
-  sa, sb = sharding.factor_shardings(s, roles)
-  return jax.device_put(a, sa), jax.device_put(b, sb)

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from lora_jax._src import explicit, tree
+from lora_jax._src import explicit, quant_sharding, tree
 from lora_jax._src.types import Params
 from lora_jax._src.weight import LoraWeight, Trainable, is_node
 
@@ -95,12 +95,21 @@ def factor_shardings(sharding: Any, roles: str) -> tuple[Any, Any]:
 def place_factors(w, a, b, roles: str):
   """``(a, b)`` placed to follow ``w``'s sharding (called by ``lora_init``).
 
+  A QuantizedWeight's factors follow the kernel it stands for (its sharding
+  read from the codes, ``quant_sharding.kernel_sharding``).
+
   A concrete ``w`` with a ``NamedSharding`` (or on a single device) gets its
   factors put with the derived shardings. Under a trace (``lora_init`` inside
   ``jax.jit``), a ``w`` typed with an explicit-axes sharding gets its factors
   resharded to match; otherwise the factors are left to the compiler and the
   caller's ``out_shardings`` (see ``lora_shardings``).
   """
+  if hasattr(w, "codes"):  # a QuantizedWeight: the kernel's sharding, read from its codes
+    sharding = quant_sharding.kernel_sharding(w)
+    if sharding is None:
+      return a, b
+    sa, sb = factor_shardings(sharding, roles)
+    return jax.device_put(a, sa), jax.device_put(b, sb)
   if isinstance(w, jax.core.Tracer):
     return _reshard_traced(w, a, b, roles)
   sharding = getattr(w, "sharding", None) if isinstance(w, jax.Array) else None
@@ -164,7 +173,6 @@ def _own_sharding(x):
   if isinstance(x, jax.core.Tracer):
     return None
   if hasattr(x, "codes"):  # a QuantizedWeight: its kernel's sharding, read from the codes
-    from lora_jax._src import quant_sharding
     return quant_sharding.kernel_sharding(x)
   return getattr(x, "sharding", None)
 
