@@ -299,7 +299,9 @@ class _FlatTokens:
     b, t, d = x.shape
     h = jnp.swapaxes(x, 0, 1) if self.time_major else x
     h = h.reshape(-1, d).astype(jnp.float32)  # a fold, then an op that keeps rows
-    h = jnp.tanh(h @ params["w1"]["kernel"]) @ params["w2"]["kernel"]
+    h = jnp.tanh(h @ params["w1"]["kernel"])
+    h = h.reshape(h.shape[0], 2, -1).reshape(h.shape[0], -1)  # rows kept
+    h = h @ params["w2"]["kernel"]
     h = h.reshape(t, b, -1) if self.time_major else h.reshape(b, t, -1)
     return jnp.swapaxes(h, 0, 1) if self.time_major else h
 

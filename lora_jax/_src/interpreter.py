@@ -192,7 +192,7 @@ class _Context:
     size = 1
     for k, d in enumerate(x.shape):
       size *= d
-      if k and size == y.shape[0]:
+      if size == y.shape[0] and (k or g > 1):  # a fold, or folded rows kept
         self.grouped[id(y)] = (y, n, g * size // x.shape[0])
         return
       if size >= y.shape[0]:
