@@ -65,23 +65,37 @@ def einsum2(spec: str, x, y, *, precision=None, preferred_element_type=None,
 
 
 def _as_matmul(xs, ys, out, contract, x, y, precision, preferred_element_type):
-  """``x·y`` as one 2-D matmul when the axes already line up as
-  ``x: (F..., C...)``, ``y: (C..., G...)``, ``out: (F..., G...)`` and some
-  group has more than one axis; else None.
+  """``fold_matmul`` when the axes already line up as ``x: (F..., C...)``,
+  ``y: (C..., G...)``, ``out: (F..., G...)`` and some group has more than one
+  axis; else None."""
+  nf, nc = len(xs) - len(contract), len(contract)
+  f, c, g = xs[:nf], xs[nf:], ys[nc:]
+  if (list(c) != contract or ys[:nc] != c or out != f + g
+      or (len(f) <= 1 and len(c) <= 1 and len(g) <= 1)):
+    return None
+  return fold_matmul(x, y, nc, precision=precision,
+                     preferred_element_type=preferred_element_type)
+
+
+def fold_matmul(x, y, nc: int, *, precision=None, preferred_element_type=None):
+  """``x (F..., C...) · y (C..., G...) -> (F..., G...)``, contracting the
+  ``nc`` axes ``C``, as one 2-D matmul between reshapes.
 
   Only reshapes (free in XLA), and the reason is speed: the transpose of a
   dot with several free axes on one side (the weight gradient of a
   ``(batch, seq, d)`` activation) makes XLA:CPU transpose the full-size
   cotangent in a slow strided loop (``bench/peft.py``; ``docs/guides/
   training_step.md``), where the 2-D form's gradient is a plain matmul.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from lora_jax._src.einsum import fold_matmul
+    >>> fold_matmul(jnp.ones((2, 3, 4)), jnp.ones((4, 5)), 1).shape
+    (2, 3, 5)
   """
-  nf, nc = len(xs) - len(contract), len(contract)
-  f, c, g = xs[:nf], xs[nf:], ys[nc:]
-  if (list(c) != contract or ys[:nc] != c or out != f + g
-      or (len(f) <= 1 and len(c) <= 1 and len(g) <= 1)):
-    return None
-  size = lambda shape: int(np.prod(shape, dtype=np.int64))
+  nf = x.ndim - nc
   fs, cs, gs = x.shape[:nf], x.shape[nf:], y.shape[nc:]
+  size = lambda shape: int(np.prod(shape, dtype=np.int64))
   z = lax.dot_general(x.reshape(size(fs), size(cs)), y.reshape(size(cs), size(gs)),
                       (([1], [0]), ([], [])), precision=precision,
                       preferred_element_type=preferred_element_type)

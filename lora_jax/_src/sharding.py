@@ -105,18 +105,15 @@ def place_factors(w, a, b, roles: str):
   caller's ``out_shardings`` (see ``lora_shardings``).
   """
   if hasattr(w, "codes"):  # a QuantizedWeight: the kernel's sharding, read from its codes
-    sharding = quant_sharding.kernel_sharding(w)
-    if sharding is None:
-      return a, b
-    sa, sb = factor_shardings(sharding, roles)
-    return jax.device_put(a, sa), jax.device_put(b, sb)
-  if isinstance(w, jax.core.Tracer):
+    sharding = quant_sharding.kernel_sharding(w)  # None for traced codes
+  elif isinstance(w, jax.core.Tracer):
     return _reshard_traced(w, a, b, roles)
-  sharding = getattr(w, "sharding", None) if isinstance(w, jax.Array) else None
+  else:
+    sharding = getattr(w, "sharding", None) if isinstance(w, jax.Array) else None
+    if isinstance(sharding, SingleDeviceSharding) and not w.committed:
+      return a, b  # an uncommitted kernel leaves its factors free to move too
   if not isinstance(sharding, (NamedSharding, SingleDeviceSharding)):
     return a, b
-  if isinstance(sharding, SingleDeviceSharding) and not w.committed:
-    return a, b  # an uncommitted kernel leaves its factors free to move too
   sa, sb = factor_shardings(sharding, roles)
   return jax.device_put(a, sa), jax.device_put(b, sb)
 

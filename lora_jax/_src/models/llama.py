@@ -15,6 +15,7 @@ from jax import lax
 import jax.numpy as jnp
 
 from lora_jax._src import explicit
+from lora_jax._src.einsum import fold_matmul
 
 Array = jax.Array
 _INIT = nn.initializers.normal(0.02)  # HF's initializer_range
@@ -282,12 +283,11 @@ def _token_matmul(x, kernel, dimension_numbers, precision=None,
   """
   (lc, rc), (lb, rb) = dimension_numbers
   if (explicit.spec_of(x) is not None or out_sharding is not None or lb or rb
-      or tuple(lc) != (x.ndim - 1,) or x.ndim <= 2):
+      or tuple(lc) != (x.ndim - 1,) or tuple(rc) != (0,) or x.ndim <= 2):
     return explicit.dot_general(x, kernel, dimension_numbers, precision,
                                 preferred_element_type, out_sharding)
-  y = lax.dot_general(x.reshape(-1, x.shape[-1]), kernel, (((1,), rc), ((), ())),
-                      precision=precision, preferred_element_type=preferred_element_type)
-  return y.reshape(*x.shape[:-1], *y.shape[1:])
+  return fold_matmul(x, kernel, 1, precision=precision,
+                     preferred_element_type=preferred_element_type)
 
 
 def _norm(cfg: LlamaConfig, name: str) -> nn.RMSNorm:
