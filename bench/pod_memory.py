@@ -163,10 +163,7 @@ def measure(shape: str, mesh_shape: tuple, tokens: int, variants=VARIANTS) -> di
     step = jax.jit(qm.step_fn(model, variant, tx), donate_argnums=(0, 1),
                    out_shardings=(ps, os_, None))
     m = qm._memory(step.lower(params, opt_state, ids).compile())
-    m["temp_beyond_forward"] = (m["temp_size_in_bytes"]
-                                - out[FORWARD_OF[variant]]["temp_size_in_bytes"])
-    m["compile_seconds"] = round(time.perf_counter() - t0, 1)
-    out[variant] = m
+    qm.record(out, variant, m, t0)
     print(f"{shape} {mesh_shape} {variant}: {m}", file=sys.stderr, flush=True)
   return out
 

@@ -118,12 +118,18 @@ def measure(shape: str, tokens: int, variants=VARIANTS) -> dict:
     m = _memory(step.lower(params, opt_state, ids).compile())
     m["params_bytes"] = _bytes(params)
     m["opt_state_bytes"] = _bytes(opt_state)
-    m["temp_beyond_forward"] = (m["temp_size_in_bytes"]
-                                - out[FORWARD_OF[variant]]["temp_size_in_bytes"])
-    m["compile_seconds"] = round(time.perf_counter() - t0, 1)
-    out[variant] = m
+    record(out, variant, m, t0)
     print(f"{variant}: {m}", file=sys.stderr, flush=True)
   return out
+
+
+def record(out: dict, variant: str, m: dict, t0: float) -> None:
+  """``out[variant] = m``, with its temporaries beyond its forward pass's
+  (already in ``out``) and the seconds since ``t0`` (compiling included)."""
+  m["temp_beyond_forward"] = (m["temp_size_in_bytes"]
+                              - out[FORWARD_OF[variant]]["temp_size_in_bytes"])
+  m["compile_seconds"] = round(time.perf_counter() - t0, 1)
+  out[variant] = m
 
 
 def _bytes(tree) -> int:

@@ -15,7 +15,6 @@ def test_jax_config_is_the_hf_config_without_transformers():
   """The JAX contenders build their Flax config from plain fields (importing
   transformers' config pulls in torch, ~290 MiB of the RSS measured), and
   those fields are the HF model's."""
-  pytest.importorskip("transformers")
   from bench import peft as bp
   from lora_jax.models import LlamaConfig
   for shape in bp.SHAPES:

@@ -23,6 +23,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import lora_jax as lj
 from lora_jax._src.sharding import lora_shardings
+from test_sharding import all_gathers
 
 D, F, R, L = 16, 64, 4, 2
 SPECS = {"up": {"kernel": P(None, "model"), "bias": P("model")},
@@ -178,14 +179,6 @@ def test_dora_trains_like_one_device(mesh):
 
 
 # -------------------------------------------------------------- HLO check
-
-def all_gathers(hlo: str) -> list[tuple[int, ...]]:
-  shapes = []
-  for m in re.finditer(r"= \(?([a-z0-9]+\[[0-9,]*\][^ ]*)\)? all-gather(?:-start)?\(", hlo):
-    for dims in re.findall(r"\[([0-9,]*)\]", m.group(1)):
-      shapes.append(tuple(int(d) for d in dims.split(",") if d))
-  return shapes
-
 
 def test_lora_branch_gathers_no_kernel(mesh):
   model = MLP("relu", P("data", None))

@@ -46,9 +46,16 @@ def test_mixed_batch_rows_equal_each_adapter_alone(kind, jit):
   # the same batch run with one adapter (or the base) for all rows
   alone = {k: fn(params, *args) if k == -1 else run(lj.attach(params, ads[k]), *args)
            for k in set(IDS.tolist())}
-  for i, k in enumerate(IDS):
+  assert_rows_match_alone(mixed, alone)
+
+
+def assert_rows_match_alone(mixed, alone, ids=IDS):
+  """Row ``i`` of the mixed batch equals row ``i`` of the batch run with
+  adapter ``ids[i]`` alone (``alone[k]``); a base row (-1) bit for bit: the
+  branch adds exact zeros."""
+  for i, k in enumerate(ids):
     for m, a in zip(jax.tree.leaves(mixed), jax.tree.leaves(alone[k])):
-      if k == -1:  # the base: the branch adds exact zeros
+      if k == -1:
         np.testing.assert_array_equal(np.asarray(m[i]), np.asarray(a[i]))
       else:
         np.testing.assert_allclose(np.asarray(m[i]), np.asarray(a[i]),

@@ -9,7 +9,7 @@ import pytest
 
 import lora_jax as lj
 from lora_jax._src import stack_strategies as ss
-from test_stack import KINDS, _batch, _three
+from test_stack import KINDS, _batch, _three, assert_rows_match_alone
 
 # 12 rows, 3 adapters: segments tiles of 2 rows, groups of 3-4 rows, two -1 rows
 IDS = np.array([0, 2, -1, 1, 0, -1, 2, 2, 0, 1, 1, 0], np.int32)
@@ -31,13 +31,7 @@ def test_each_strategy_rows_equal_each_adapter_alone(kind, strategy):
   assert log and {c["strategy"] for c in log} == {strategy}, log
   alone = {k: fn(params, *args) if k == -1 else
            lj.lora(fn)(lj.attach(params, ads[k]), *args) for k in set(IDS.tolist())}
-  for i, k in enumerate(IDS):
-    for m, a in zip(jax.tree.leaves(mixed), jax.tree.leaves(alone[k])):
-      if k == -1:  # the base: the branch adds exact zeros
-        np.testing.assert_array_equal(np.asarray(m[i]), np.asarray(a[i]))
-      else:
-        np.testing.assert_allclose(np.asarray(m[i]), np.asarray(a[i]),
-                                   rtol=1e-5, atol=1e-6)
+  assert_rows_match_alone(mixed, alone, IDS)
 
 
 def _eqns(jaxpr):
